@@ -1,0 +1,662 @@
+//! `proxy.toml`: the raw serde shape and the validated [`Config`].
+//!
+//! Every problem in the config and in the files it names is reported at once, each as
+//! `file:line:col: message`. Unknown keys are errors: a typo in an auth section must never
+//! quietly turn a check off.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::Uri;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::auth::api_key::KeySet;
+use crate::authz::PathPattern;
+use crate::diag::{parse_toml, Diagnostic, Diagnostics, Source};
+
+type S<T> = Option<Spanned<T>>;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: Option<RawServer>,
+    upstream: Option<Spanned<RawUpstream>>,
+    auth: Option<Spanned<RawAuth>>,
+    log: Option<RawLog>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: S<String>,
+    admin_listen: S<String>,
+    max_connections: S<i64>,
+    header_read_timeout: S<String>,
+    max_header_bytes: S<String>,
+    idle_timeout: S<String>,
+    max_body_bytes: S<String>,
+    shutdown_grace: S<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    url: S<String>,
+    connect_timeout: S<String>,
+    response_timeout: S<String>,
+    pass_credentials: Option<bool>,
+    protocol: Option<UpstreamProtocol>,
+    host_header: Option<HostHeader>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    keys_file: S<String>,
+    api_key_headers: S<Vec<String>>,
+    realm: S<String>,
+    identity_header: S<String>,
+    public_paths: Option<Vec<Spanned<String>>>,
+    anonymous: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Option<LogLevel>,
+    format: Option<LogFormat>,
+    access_log: S<String>,
+    access_format: Option<AccessFormat>,
+}
+
+/// HTTP version spoken to the backend.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge over plain TCP (h2c), e.g. gRPC backends.
+    Http2,
+}
+
+/// Which `Host` the backend receives.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HostHeader {
+    /// The upstream's own authority, as nginx's `proxy_pass` does. Loopback-bound MCP servers
+    /// reject any other Host as DNS rebinding.
+    #[default]
+    Upstream,
+    /// The client's Host, unchanged.
+    Preserve,
+}
+
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    #[default]
+    Info,
+    Debug,
+    Trace,
+}
+
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Text,
+}
+
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessFormat {
+    #[default]
+    Json,
+    /// Apache combined, client IP first: fail2ban's `^<HOST> .* 401 .*$` matches it.
+    Combined,
+}
+
+/// Where access log lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLog {
+    Stdout,
+    Off,
+    File(PathBuf),
+}
+
+/// A validated configuration. Every file it names has been read and checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The config file this came from (for messages).
+    pub path: PathBuf,
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub auth: AuthConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub idle_timeout: Duration,
+    pub max_body_bytes: u64,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub url: Uri,
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// Path prefix of `url` without its trailing slash ("" for `http://host:port/`).
+    pub base_path: String,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub pass_credentials: bool,
+    pub protocol: UpstreamProtocol,
+    pub host_header: HostHeader,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub keys_file: Option<PathBuf>,
+    /// The keys loaded from `keys_file` at validation time.
+    pub keys: KeySet,
+    /// Lower-case header names that may carry an API key, in the order they are tried.
+    pub api_key_headers: Vec<http::HeaderName>,
+    pub realm: String,
+    pub identity_header: http::HeaderName,
+    pub public_paths: Vec<PathPattern>,
+    pub anonymous: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub level: LogLevel,
+    pub format: LogFormat,
+    pub access_log: AccessLog,
+    pub access_format: AccessFormat,
+}
+
+impl Config {
+    /// Read and validate `path` and every file it names.
+    pub fn load(path: &Path) -> Result<Config, Diagnostics> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Diagnostics(vec![Diagnostic {
+                file: path.to_path_buf(),
+                line: 0,
+                col: 0,
+                message: format!("cannot read the config file: {e}"),
+            }])
+        })?;
+        Config::from_toml(path, &text)
+    }
+
+    /// Validate config text as if it had been read from `path` (relative paths in it are
+    /// resolved against `path`'s directory).
+    pub fn from_toml(path: &Path, text: &str) -> Result<Config, Diagnostics> {
+        let src = Source { path, text };
+        let (raw, errors) = parse_toml::<RawConfig>(&src);
+        let Some(raw) = raw else {
+            return Err(Diagnostics(errors));
+        };
+        let mut v = Validator {
+            src: &src,
+            dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            errors,
+        };
+        let config = v.config(raw);
+        match config {
+            Some(c) if v.errors.is_empty() => Ok(c),
+            _ => {
+                crate::diag::sort(&mut v.errors);
+                Err(Diagnostics(v.errors))
+            }
+        }
+    }
+}
+
+struct Validator<'a> {
+    src: &'a Source<'a>,
+    dir: PathBuf,
+    errors: Vec<Diagnostic>,
+}
+
+impl Validator<'_> {
+    fn err<T>(&mut self, at: &Spanned<T>, message: impl Into<String>) {
+        let d = self.src.at(at.span().start, message);
+        self.errors.push(d);
+    }
+
+    fn err_top(&mut self, message: impl Into<String>) {
+        let d = self.src.at(0, message);
+        self.errors.push(d);
+    }
+
+    fn addr(&mut self, v: &S<String>, key: &str, default: &str) -> SocketAddr {
+        let fallback: SocketAddr = default.parse().expect("default address parses");
+        let Some(v) = v else { return fallback };
+        match v.get_ref().parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                self.err(
+                    v,
+                    format!(
+                        "{key} = \"{}\" is not an address; write IP:port, e.g. \"{default}\" or \"[::]:8443\"",
+                        v.get_ref()
+                    ),
+                );
+                fallback
+            }
+        }
+    }
+
+    fn duration(&mut self, v: &S<String>, key: &str, default: Duration) -> Duration {
+        let Some(v) = v else { return default };
+        match humantime::parse_duration(v.get_ref().trim()) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.err(v, format!("{key} must be longer than zero"));
+                default
+            }
+            Err(_) => {
+                self.err(
+                    v,
+                    format!(
+                        "{key} = \"{}\" is not a duration; write e.g. \"500ms\", \"10s\", \"2m\", \"1h\"",
+                        v.get_ref()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn size(&mut self, v: &S<String>, key: &str, default: u64) -> u64 {
+        let Some(v) = v else { return default };
+        match parse_size(v.get_ref()) {
+            Some(n) if n > 0 => n,
+            _ => {
+                self.err(
+                    v,
+                    format!(
+                        "{key} = \"{}\" is not a size; write e.g. \"32KiB\", \"64MiB\", \"1GiB\"",
+                        v.get_ref()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.dir.join(p)
+        }
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Option<Config> {
+        let server = self.server(raw.server.unwrap_or_default());
+        let upstream = match raw.upstream {
+            Some(u) => self.upstream(u),
+            None => {
+                self.err_top("missing [upstream] section; add [upstream] with url = \"http://127.0.0.1:PORT\"");
+                None
+            }
+        };
+        let auth = self.auth(raw.auth);
+        let log = self.log(raw.log.unwrap_or_default());
+        Some(Config {
+            path: self.src.path.to_path_buf(),
+            server,
+            upstream: upstream?,
+            auth: auth?,
+            log,
+        })
+    }
+
+    fn server(&mut self, r: RawServer) -> ServerConfig {
+        let max_connections = match &r.max_connections {
+            None => 10_000,
+            Some(v) if (1..=1_000_000).contains(v.get_ref()) => *v.get_ref() as usize,
+            Some(v) => {
+                self.err(v, "max_connections must be between 1 and 1000000");
+                10_000
+            }
+        };
+        let max_header_bytes = self.size(&r.max_header_bytes, "max_header_bytes", 32 * 1024);
+        if let Some(v) = &r.max_header_bytes {
+            if !(1024..=16 * 1024 * 1024).contains(&max_header_bytes) {
+                self.err(v, "max_header_bytes must be between 1KiB and 16MiB");
+            }
+        }
+        ServerConfig {
+            listen: self.addr(&r.listen, "listen", "0.0.0.0:8443"),
+            admin_listen: self.addr(&r.admin_listen, "admin_listen", "127.0.0.1:9901"),
+            max_connections,
+            header_read_timeout: self.duration(
+                &r.header_read_timeout,
+                "header_read_timeout",
+                Duration::from_secs(10),
+            ),
+            max_header_bytes: max_header_bytes as usize,
+            idle_timeout: self.duration(&r.idle_timeout, "idle_timeout", Duration::from_secs(120)),
+            max_body_bytes: self.size(&r.max_body_bytes, "max_body_bytes", 64 * 1024 * 1024),
+            shutdown_grace: self.duration(
+                &r.shutdown_grace,
+                "shutdown_grace",
+                Duration::from_secs(30),
+            ),
+        }
+    }
+
+    fn upstream(&mut self, u: Spanned<RawUpstream>) -> Option<UpstreamConfig> {
+        let connect_timeout = self.duration(
+            &u.get_ref().connect_timeout,
+            "connect_timeout",
+            Duration::from_secs(5),
+        );
+        let response_timeout = self.duration(
+            &u.get_ref().response_timeout,
+            "response_timeout",
+            Duration::from_secs(60),
+        );
+        let r = u.get_ref();
+        let Some(url) = &r.url else {
+            self.err(
+                &u,
+                "[upstream] needs url = \"http://HOST:PORT\" (the backend to protect)",
+            );
+            return None;
+        };
+        let parsed = match url.get_ref().parse::<Uri>() {
+            Ok(p) => p,
+            Err(e) => {
+                self.err(
+                    url,
+                    format!("url = \"{}\" is not a URL: {e}", url.get_ref()),
+                );
+                return None;
+            }
+        };
+        let scheme = parsed.scheme().cloned();
+        if scheme != Some(Scheme::HTTP) {
+            self.err(
+                url,
+                format!(
+                    "url = \"{}\": the upstream must be http://HOST:PORT (https upstreams are not supported)",
+                    url.get_ref()
+                ),
+            );
+            return None;
+        }
+        let Some(authority) = parsed.authority().cloned() else {
+            self.err(url, "url needs a host, e.g. \"http://127.0.0.1:4298\"");
+            return None;
+        };
+        if authority.as_str().contains('@') {
+            self.err(url, "url must not carry user:password@; the backend sees no credentials unless pass_credentials = true");
+            return None;
+        }
+        if parsed.query().is_some() {
+            self.err(url, "url must not have a query string");
+            return None;
+        }
+        let base_path = parsed.path().trim_end_matches('/').to_string();
+        Some(UpstreamConfig {
+            scheme: Scheme::HTTP,
+            authority,
+            base_path,
+            url: parsed,
+            connect_timeout,
+            response_timeout,
+            pass_credentials: r.pass_credentials.unwrap_or(false),
+            protocol: r.protocol.unwrap_or_default(),
+            host_header: r.host_header.unwrap_or_default(),
+        })
+    }
+
+    fn header_name(&mut self, v: &Spanned<String>, key: &str) -> Option<http::HeaderName> {
+        match http::HeaderName::from_bytes(v.get_ref().trim().as_bytes()) {
+            Ok(h) => Some(h),
+            Err(_) => {
+                self.err(
+                    v,
+                    format!("{key}: \"{}\" is not a valid header name", v.get_ref()),
+                );
+                None
+            }
+        }
+    }
+
+    fn auth(&mut self, a: Option<Spanned<RawAuth>>) -> Option<AuthConfig> {
+        let span_holder = a.as_ref().map(|a| Spanned::new(a.span(), ()));
+        let a = a.map(|a| a.into_inner()).unwrap_or_default();
+        let anonymous = a.anonymous.unwrap_or(false);
+
+        let mut keys = KeySet::default();
+        let keys_file = a.keys_file.as_ref().map(|f| self.path(f.get_ref()));
+        if let (Some(path), Some(raw)) = (&keys_file, &a.keys_file) {
+            match std::fs::read_to_string(path) {
+                Ok(text) => match KeySet::parse(path, &text) {
+                    Ok(k) => keys = k,
+                    Err(mut e) => self.errors.append(&mut e),
+                },
+                Err(e) => self.err(
+                    raw,
+                    format!("keys_file: cannot read {}: {e}", path.display()),
+                ),
+            }
+        }
+        if keys_file.is_none() && !anonymous {
+            let message = "no credential source: set [auth] keys_file = \"keys.toml\" (create keys with `portcullis keygen`), or set anonymous = true to let every request through unauthenticated";
+            match &span_holder {
+                Some(s) => self.err(s, message),
+                None => self.err_top(message),
+            }
+        }
+
+        let api_key_headers = match &a.api_key_headers {
+            None => vec![
+                http::header::AUTHORIZATION,
+                http::HeaderName::from_static("x-api-key"),
+            ],
+            Some(list) => {
+                let names: Vec<_> = list
+                    .get_ref()
+                    .iter()
+                    .map(|n| Spanned::new(list.span(), n.clone()))
+                    .filter_map(|n| self.header_name(&n, "api_key_headers"))
+                    .collect();
+                if names.is_empty() && keys_file.is_some() {
+                    self.err(list, "api_key_headers is empty: no request could present a key; remove it to use [\"authorization\", \"x-api-key\"]");
+                }
+                names
+            }
+        };
+
+        let identity_header = match &a.identity_header {
+            None => http::HeaderName::from_static("x-authenticated-user"),
+            Some(v) => self
+                .header_name(v, "identity_header")
+                .unwrap_or(http::HeaderName::from_static("x-authenticated-user")),
+        };
+        if api_key_headers.contains(&identity_header) {
+            if let Some(v) = &a.identity_header {
+                self.err(
+                    v,
+                    "identity_header must differ from every api_key_headers entry",
+                );
+            }
+        }
+
+        let realm = match &a.realm {
+            None => "portcullis".to_string(),
+            Some(v) => {
+                let ok = !v.get_ref().is_empty()
+                    && v.get_ref()
+                        .chars()
+                        .all(|c| c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ');
+                if !ok {
+                    self.err(
+                        v,
+                        "realm must be printable ASCII without quotes or backslashes",
+                    );
+                }
+                v.get_ref().clone()
+            }
+        };
+
+        let mut public_paths = Vec::new();
+        for p in a.public_paths.iter().flatten() {
+            match PathPattern::parse(p.get_ref()) {
+                Ok(pat) => public_paths.push(pat),
+                Err(e) => self.err(p, format!("public_paths: {e}")),
+            }
+        }
+
+        Some(AuthConfig {
+            keys_file,
+            keys,
+            api_key_headers,
+            realm,
+            identity_header,
+            public_paths,
+            anonymous,
+        })
+    }
+
+    fn log(&mut self, l: RawLog) -> LogConfig {
+        let access_log = match &l.access_log {
+            None => AccessLog::Stdout,
+            Some(v) => match v.get_ref().as_str() {
+                "stdout" | "-" => AccessLog::Stdout,
+                "off" => AccessLog::Off,
+                "" => {
+                    self.err(
+                        v,
+                        "access_log is empty; write \"stdout\", \"off\" or a file path",
+                    );
+                    AccessLog::Stdout
+                }
+                p => AccessLog::File(self.path(p)),
+            },
+        };
+        LogConfig {
+            level: l.level.unwrap_or_default(),
+            format: l.format.unwrap_or_default(),
+            access_log,
+            access_format: l.access_format.unwrap_or_default(),
+        }
+    }
+}
+
+/// Parse "64MiB", "32KiB", "10MB", "512" (bytes). Binary and decimal units, case-insensitive.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1000 * 1000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1000 * 1000 * 1000,
+        "gib" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors_of(toml: &str) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(
+            dir.path().join("keys.toml"),
+            "[[keys]]\nname = \"a\"\napi_key = \"mas_0123456789abcdef0123\"\n",
+        )
+        .unwrap();
+        match Config::from_toml(&path, toml) {
+            Ok(_) => vec![],
+            Err(d) => {
+                d.0.iter()
+                    .map(|d| format!("{}:{}: {}", d.line, d.col, d.message))
+                    .collect()
+            }
+        }
+    }
+
+    #[test]
+    fn minimal_config_is_valid() {
+        let e = errors_of(
+            "[upstream]\nurl = \"http://127.0.0.1:1\"\n[auth]\nkeys_file = \"keys.toml\"\n",
+        );
+        assert!(e.is_empty(), "{e:?}");
+    }
+
+    #[test]
+    fn no_credential_source_refuses_to_start() {
+        let e = errors_of("[upstream]\nurl = \"http://127.0.0.1:1\"\n");
+        assert_eq!(e.len(), 1);
+        assert!(e[0].contains("no credential source"), "{e:?}");
+        assert!(
+            errors_of("[upstream]\nurl = \"http://127.0.0.1:1\"\n[auth]\nanonymous = true\n")
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn every_mistake_is_reported_with_its_position() {
+        let e = errors_of(
+            "[server]\nlisten = \"nowhere\"\nidle_timeout = \"soon\"\nmax_body_bytes = \"lots\"\n\
+             [upstream]\nurl = \"ftp://x\"\nprotocl = \"http2\"\n[auth]\nkeys_file = \"missing.toml\"\n",
+        );
+        assert_eq!(e.len(), 6, "{e:#?}");
+        assert!(e.iter().any(|l| l.starts_with("2:10: listen")));
+        assert!(e.iter().any(|l| l.starts_with("3:16: idle_timeout")));
+        assert!(e.iter().any(|l| l.starts_with("4:18: max_body_bytes")));
+        assert!(e.iter().any(|l| l.starts_with("6:7: url")));
+        assert!(e
+            .iter()
+            .any(|l| l.starts_with("7:1: unknown key `protocl`; did you mean `protocol`?")));
+        assert!(e
+            .iter()
+            .any(|l| l.starts_with("9:13: keys_file: cannot read")));
+    }
+
+    #[test]
+    fn unknown_enum_values_list_the_choices() {
+        let e = errors_of("[upstream]\nurl = \"http://127.0.0.1:1\"\nhost_header = \"client\"\n[auth]\nanonymous = true\n");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].contains("\"upstream\", \"preserve\""), "{e:?}");
+    }
+
+    #[test]
+    fn sizes_parse_in_binary_and_decimal_units() {
+        assert_eq!(parse_size("64MiB"), Some(64 << 20));
+        assert_eq!(parse_size("32 KiB"), Some(32 << 10));
+        assert_eq!(parse_size("10kb"), Some(10_000));
+        assert_eq!(parse_size("512"), Some(512));
+        assert_eq!(parse_size("lots"), None);
+        assert_eq!(parse_size("99999999999999GiB"), None);
+    }
+}

@@ -1,0 +1,186 @@
+//! Header rewriting on the way to the backend and back (DESIGN.md §5).
+//!
+//! Pure functions over header maps. What a client could use to impersonate someone
+//! (the identity header, `X-Forwarded-*`, `Forwarded`, `X-Real-IP`) is deleted before the
+//! proxy's own values are set.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::{header, HeaderMap, HeaderName, HeaderValue};
+
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Remove hop-by-hop headers: RFC 9110 §7.6.1's list, the legacy `Keep-Alive` and
+/// `Proxy-Connection`, and every name the `Connection` header lists.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &header::PROXY_AUTHORIZATION,
+        &header::PROXY_AUTHENTICATE,
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// Remove every header a client could send to pose as someone or somewhere else.
+pub fn strip_spoofable(headers: &mut HeaderMap, identity_header: &HeaderName) {
+    for name in [
+        identity_header,
+        &X_FORWARDED_FOR,
+        &X_FORWARDED_PROTO,
+        &X_FORWARDED_HOST,
+        &X_REAL_IP,
+        &FORWARDED,
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// What the proxy tells the backend about the request.
+pub struct Forwarded<'a> {
+    pub client_ip: IpAddr,
+    pub proto: &'static str,
+    /// The Host the client asked for, if any.
+    pub client_host: Option<&'a HeaderValue>,
+}
+
+pub fn set_forwarded(headers: &mut HeaderMap, f: &Forwarded<'_>) {
+    let ip = HeaderValue::from_str(&f.client_ip.to_string()).expect("an IP is a header value");
+    headers.insert(X_FORWARDED_FOR.clone(), ip.clone());
+    headers.insert(X_REAL_IP.clone(), ip);
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(f.proto));
+    if let Some(host) = f.client_host {
+        headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+    }
+}
+
+/// A client's `X-Request-Id` is kept when it is short and plain; anything else is replaced.
+pub fn acceptable_request_id(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
+}
+
+/// Unique request ids (32 hex digits, like nginx's `$request_id`): a random per-process seed
+/// mixed with a counter. Unique, not secret; no system call per request.
+pub struct RequestIds {
+    seed: u64,
+    counter: AtomicU64,
+}
+
+impl RequestIds {
+    pub fn new() -> RequestIds {
+        let mut seed = [0u8; 8];
+        // A fixed seed only risks ids repeating across restarts, never a failed request.
+        let _ = getrandom::fill(&mut seed);
+        RequestIds {
+            seed: u64::from_le_bytes(seed),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    pub fn next(&self) -> HeaderValue {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let a = splitmix64(self.seed ^ n);
+        let b = splitmix64(a ^ n.rotate_left(32));
+        let s = format!("{a:016x}{b:016x}");
+        HeaderValue::from_str(&s).expect("hex is a header value")
+    }
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        RequestIds::new()
+    }
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, X-Secret-Hop"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
+        h.insert("x-end-to-end", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-end-to-end"));
+    }
+
+    #[test]
+    fn spoofed_identity_and_forwarding_headers_are_replaced() {
+        let ident = HeaderName::from_static("x-authenticated-user");
+        let mut h = HeaderMap::new();
+        h.insert(ident.clone(), HeaderValue::from_static("admin"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
+        h.insert("forwarded", HeaderValue::from_static("for=1.2.3.4"));
+        strip_spoofable(&mut h, &ident);
+        let host = HeaderValue::from_static("example.test");
+        set_forwarded(
+            &mut h,
+            &Forwarded {
+                client_ip: "127.0.0.9".parse().unwrap(),
+                proto: "http",
+                client_host: Some(&host),
+            },
+        );
+        assert!(!h.contains_key(&ident));
+        assert!(!h.contains_key("forwarded"));
+        assert_eq!(h["x-forwarded-for"], "127.0.0.9");
+        assert_eq!(h["x-forwarded-host"], "example.test");
+        assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn request_ids_are_unique_and_plain() {
+        let ids = RequestIds::new();
+        let a = ids.next();
+        let b = ids.next();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
+        assert!(acceptable_request_id(&a));
+        assert!(!acceptable_request_id(&HeaderValue::from_static("a b")));
+    }
+}

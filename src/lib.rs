@@ -1,0 +1,20 @@
+//! portcullis: an authenticating reverse-proxy sidecar.
+//!
+//! The library holds everything; `main.rs` only parses the command line. Tests and the `demo`
+//! command drive a [`Server`] in-process.
+
+pub mod access_log;
+pub mod auth;
+pub mod authz;
+pub mod config;
+pub mod demo;
+pub mod diag;
+pub mod error;
+pub mod headers;
+pub mod path;
+pub mod proxy;
+pub mod server;
+pub mod state;
+
+pub use config::Config;
+pub use server::Server;

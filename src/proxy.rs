@@ -1,0 +1,502 @@
+//! The per-request pipeline (DESIGN.md, "request pipeline") and the pooled upstream client.
+//!
+//! One straight async function: request id → path → body size → authenticate → authorize →
+//! rewrite → forward (streaming) → response headers. Every refusal is a [`Reject`]; the access
+//! log line is written when the response body is finished (or the client goes away).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::uri::PathAndQuery;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::access_log::{AccessLogger, Record};
+use crate::auth::{Authenticator, Identity};
+use crate::config::{Config, HostHeader, UpstreamProtocol};
+use crate::error::Reject;
+use crate::headers::{self, RequestIds, X_REQUEST_ID};
+use crate::state::Snapshot;
+
+type UpstreamBody = Limited<Incoming>;
+
+/// What the proxy sends back: the backend's body, or one of its own.
+pub type ResponseBody = LoggedBody;
+
+/// Per-connection facts the pipeline needs, and the activity the idle timer watches.
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub activity: Arc<Activity>,
+}
+
+/// When a connection last moved bytes, and how many of its requests are unfinished.
+pub struct Activity {
+    base: Instant,
+    last_ms: AtomicU64,
+    pub in_flight: AtomicUsize,
+}
+
+impl Activity {
+    pub fn new() -> Activity {
+        Activity {
+            base: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn touch(&self) {
+        let ms = self.base.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The instant of the last activity.
+    pub fn last(&self) -> Instant {
+        self.base + std::time::Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity::new()
+    }
+}
+
+pub struct Proxy {
+    pub config: Arc<Config>,
+    pub snapshot: ArcSwap<Snapshot>,
+    client: Client<HttpConnector, UpstreamBody>,
+    access: AccessLogger,
+    ids: RequestIds,
+    upstream_host: HeaderValue,
+    proto: &'static str,
+}
+
+impl Proxy {
+    pub fn new(config: Arc<Config>, access: AccessLogger) -> Proxy {
+        let up = &config.upstream;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(up.connect_timeout));
+        connector.enforce_http(true);
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(60))
+            .http2_only(up.protocol == UpstreamProtocol::Http2);
+        let client = builder.build(connector);
+        let snapshot = ArcSwap::from_pointee(Snapshot::from_config(&config));
+        Proxy {
+            upstream_host: HeaderValue::from_str(up.authority.as_str())
+                .expect("an authority is a header value"),
+            config,
+            snapshot,
+            client,
+            access,
+            ids: RequestIds::new(),
+            proto: "http",
+        }
+    }
+
+    /// Serve one request. Never fails: refusals are responses.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: Arc<ConnInfo>,
+    ) -> Result<Response<ResponseBody>, Infallible> {
+        let mut ex = Exchange::start(&self, &req, &conn);
+        let result = self.forward(req, &conn, &mut ex).await;
+        let mut resp = match result {
+            Ok(resp) => {
+                ex.record.outcome = "ok";
+                resp.map(Either::Left)
+            }
+            Err(reject) => {
+                ex.record.outcome = reject.outcome();
+                if let Some(reason) = reject.auth_reason() {
+                    tracing::debug!(client = %ex.record.client, reason, request_id = %ex.record.request_id, "authentication failed");
+                }
+                let mut resp: Response<Full<Bytes>> = reject.response();
+                if ex.unread_body && ex.record.protocol.starts_with("HTTP/1") {
+                    // Do not try to read what is left of a refused body: close instead.
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                resp.map(Either::Right)
+            }
+        };
+        if let Some(id) = ex.request_id.take() {
+            resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
+        }
+        ex.record.status = resp.status().as_u16();
+        Ok(resp.map(|inner| LoggedBody {
+            inner,
+            ex: Some(ex),
+        }))
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        conn: &ConnInfo,
+        ex: &mut Exchange,
+    ) -> Result<Response<Incoming>, Reject> {
+        let (mut parts, body) = req.into_parts();
+        let cfg = &self.config;
+
+        // Request framing that intermediaries disagree about is refused outright.
+        if parts.headers.contains_key(header::TRANSFER_ENCODING)
+            && parts.headers.contains_key(header::CONTENT_LENGTH)
+        {
+            return Err(Reject::BadRequest);
+        }
+        let path = crate::path::normalize(parts.uri.path()).map_err(|_| Reject::BadRequest)?;
+        ex.record.path.clone_from(&path);
+
+        let declared_len = match parts.headers.get(header::CONTENT_LENGTH) {
+            None => None,
+            Some(v) => Some(
+                v.to_str()
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .ok_or(Reject::BadRequest)?,
+            ),
+        };
+        if declared_len.is_some_and(|n| n > cfg.server.max_body_bytes) {
+            return Err(Reject::PayloadTooLarge);
+        }
+
+        let snapshot = self.snapshot.load();
+        let public = cfg.auth.public_paths.iter().any(|p| p.matches(&path));
+        let identity = if public {
+            Identity::Anonymous
+        } else {
+            let auth = Authenticator {
+                keys: &snapshot.keys,
+                api_key_headers: &cfg.auth.api_key_headers,
+                anonymous: cfg.auth.anonymous,
+            };
+            auth.authenticate(&parts.headers, SystemTime::now())?
+        };
+        ex.record.identity = identity.name().map(str::to_owned);
+        ex.record.key_fp = identity.fingerprint().map(str::to_owned);
+        if let Identity::Key(key) = &identity {
+            if !crate::authz::is_allowed(key.allow.as_deref(), &parts.method, &path) {
+                return Err(Reject::Forbidden);
+            }
+        }
+
+        // Rewrite for the backend.
+        let client_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        let h = &mut parts.headers;
+        headers::strip_hop_by_hop(h);
+        headers::strip_spoofable(h, &cfg.auth.identity_header);
+        if !cfg.upstream.pass_credentials {
+            for name in &cfg.auth.api_key_headers {
+                h.remove(name);
+            }
+            h.remove(header::AUTHORIZATION);
+        }
+        headers::set_forwarded(
+            h,
+            &headers::Forwarded {
+                client_ip: conn.peer.ip(),
+                proto: self.proto,
+                client_host: client_host.as_ref(),
+            },
+        );
+        if let Some(name) = identity.name() {
+            // Names are validated at load time to be header-safe.
+            if let Ok(v) = HeaderValue::from_str(name) {
+                h.insert(cfg.auth.identity_header.clone(), v);
+            }
+        }
+        if let Some(id) = &ex.request_id {
+            h.insert(X_REQUEST_ID.clone(), id.clone());
+        }
+        match cfg.upstream.host_header {
+            HostHeader::Upstream => {
+                h.insert(header::HOST, self.upstream_host.clone());
+            }
+            HostHeader::Preserve => {
+                if let Some(host) = client_host {
+                    h.insert(header::HOST, host);
+                }
+            }
+        }
+        parts.uri = self.upstream_uri(&path, parts.uri.query())?;
+        parts.version = match cfg.upstream.protocol {
+            UpstreamProtocol::Http1 => Version::HTTP_11,
+            UpstreamProtocol::Http2 => Version::HTTP_2,
+        };
+
+        let body = Limited::new(body, cfg.server.max_body_bytes as usize);
+        let upstream_req = Request::from_parts(parts, body);
+        ex.unread_body = false;
+        let sent = tokio::time::timeout(
+            cfg.upstream.response_timeout,
+            self.client.request(upstream_req),
+        )
+        .await;
+        let mut resp = match sent {
+            Err(_elapsed) => {
+                tracing::warn!(request_id = %ex.record.request_id, timeout = ?cfg.upstream.response_timeout, "upstream response timeout");
+                return Err(Reject::UpstreamTimeout);
+            }
+            Ok(Err(e)) => {
+                if caused_by_body_limit(&e) {
+                    return Err(Reject::PayloadTooLarge);
+                }
+                tracing::warn!(request_id = %ex.record.request_id, connect = e.is_connect(), error = %error_chain(&e), "upstream request failed");
+                return Err(Reject::UpstreamUnavailable);
+            }
+            Ok(Ok(resp)) => resp,
+        };
+        headers::strip_hop_by_hop(resp.headers_mut());
+        Ok(resp)
+    }
+
+    fn upstream_uri(&self, path: &str, query: Option<&str>) -> Result<Uri, Reject> {
+        let up = &self.config.upstream;
+        let mut pq = String::with_capacity(up.base_path.len() + path.len() + 1);
+        pq.push_str(&up.base_path);
+        pq.push_str(path);
+        if let Some(q) = query {
+            pq.push('?');
+            pq.push_str(q);
+        }
+        let pq = PathAndQuery::try_from(pq).map_err(|_| Reject::BadRequest)?;
+        Uri::builder()
+            .scheme(up.scheme.clone())
+            .authority(up.authority.clone())
+            .path_and_query(pq)
+            .build()
+            .map_err(|_| Reject::BadRequest)
+    }
+}
+
+fn caused_by_body_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<LengthLimitError>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(err) = cur {
+        s.push_str(": ");
+        s.push_str(&err.to_string());
+        cur = err.source();
+    }
+    s
+}
+
+fn protocol_name(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/?",
+    }
+}
+
+/// One request from arrival to the end of its response body: owns its access log record and
+/// its place in the connection's in-flight count. Dropped unfinished, it logs the client as gone.
+pub struct Exchange {
+    access: AccessLogger,
+    start: Instant,
+    activity: Arc<Activity>,
+    pub record: Record,
+    request_id: Option<HeaderValue>,
+    /// The request has a body nobody has started to read.
+    unread_body: bool,
+    finished: bool,
+}
+
+impl Exchange {
+    fn start(proxy: &Proxy, req: &Request<Incoming>, conn: &ConnInfo) -> Exchange {
+        conn.activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        let headers = req.headers();
+        let request_id = headers
+            .get(&X_REQUEST_ID)
+            .filter(|v| headers::acceptable_request_id(v))
+            .cloned()
+            .unwrap_or_else(|| proxy.ids.next());
+        let text = |name: header::HeaderName| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let unread_body = !req.body().is_end_stream();
+        Exchange {
+            access: proxy.access.clone(),
+            start: Instant::now(),
+            activity: conn.activity.clone(),
+            record: Record {
+                time: SystemTime::now(),
+                client: conn.peer.ip(),
+                method: method_for_log(req.method()),
+                // Until the path is normalised: the raw path, never the query.
+                path: req.uri().path().to_owned(),
+                protocol: protocol_name(req.version()),
+                status: 499,
+                bytes: 0,
+                duration_ms: 0.0,
+                identity: None,
+                key_fp: None,
+                request_id: request_id.to_str().unwrap_or("-").to_owned(),
+                outcome: "client_closed",
+                user_agent: text(header::USER_AGENT),
+                referer: text(header::REFERER),
+            },
+            request_id: Some(request_id),
+            unread_body,
+            finished: false,
+        }
+    }
+}
+
+fn method_for_log(m: &Method) -> String {
+    m.as_str().to_owned()
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.finished = true;
+            self.record.set_duration(self.start.elapsed());
+            self.access.log(&self.record);
+            self.activity.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A response body that counts what it sends and writes the access log line when done.
+pub struct LoggedBody {
+    inner: Either<Incoming, Full<Bytes>>,
+    ex: Option<Exchange>,
+}
+
+impl LoggedBody {
+    fn finish(&mut self) {
+        // Dropping the exchange logs it.
+        self.ex.take();
+    }
+}
+
+impl Body for LoggedBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(ex)) = (frame.data_ref(), this.ex.as_mut()) {
+                    ex.record.bytes += data.len() as u64;
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(ex) = this.ex.as_mut() {
+                    ex.record.outcome = "upstream_error";
+                    tracing::warn!(request_id = %ex.record.request_id, error = %e, "upstream response body failed");
+                }
+                this.finish();
+            }
+            Poll::Ready(None) => this.finish(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A plain response from the proxy itself (admin endpoints, demo).
+pub fn text_response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: String,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_limit_errors_are_recognised_through_wrapping() {
+        #[derive(Debug)]
+        struct Wrap(LengthLimitError);
+        impl std::fmt::Display for Wrap {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("wrapped")
+            }
+        }
+        impl std::error::Error for Wrap {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let limited = Limited::new(Full::new(Bytes::from_static(b"12345")), 1);
+        let err = futures_lite_block_on_err(limited);
+        assert!(caused_by_body_limit(&Wrap(
+            *err.downcast::<LengthLimitError>().unwrap()
+        )));
+        assert!(!caused_by_body_limit(&std::io::Error::other("x")));
+    }
+
+    fn futures_lite_block_on_err(
+        body: Limited<Full<Bytes>>,
+    ) -> Box<dyn std::error::Error + Send + Sync> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            use http_body_util::BodyExt;
+            body.collect().await.unwrap_err()
+        })
+    }
+}

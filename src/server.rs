@@ -1,0 +1,399 @@
+//! Listeners: the public proxy listener and the loopback admin listener, connection limits,
+//! idle and header timeouts, and graceful shutdown.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulConnection;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::access_log::AccessLogger;
+use crate::config::Config;
+use crate::proxy::{text_response, Activity, ConnInfo, Proxy};
+
+/// A running proxy: bound listeners and the tasks serving them.
+pub struct Server {
+    local_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    proxy: Arc<Proxy>,
+    shutdown: CancellationToken,
+    force: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Server {
+    /// Bind the listeners and start serving. The config has been validated already.
+    pub async fn bind(config: Config) -> anyhow::Result<Server> {
+        let access = AccessLogger::open(&config.log.access_log, config.log.access_format)
+            .map_err(|e| anyhow::anyhow!("cannot open access_log: {e}"))?;
+        Server::bind_with_logger(config, access).await
+    }
+
+    /// As [`Server::bind`], with the access log going where `access` sends it.
+    pub async fn bind_with_logger(config: Config, access: AccessLogger) -> anyhow::Result<Server> {
+        let listener = TcpListener::bind(config.server.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.listen))?;
+        let admin = TcpListener::bind(config.server.admin_listen)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot listen on admin_listen {}: {e}",
+                    config.server.admin_listen
+                )
+            })?;
+        let local_addr = listener.local_addr()?;
+        let admin_addr = admin.local_addr()?;
+        let config = Arc::new(config);
+        let proxy = Arc::new(Proxy::new(config.clone(), access));
+
+        let server = Server {
+            local_addr,
+            admin_addr,
+            proxy: proxy.clone(),
+            shutdown: CancellationToken::new(),
+            force: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        };
+
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.server.header_read_timeout)
+            .max_buf_size(config.server.max_header_bytes.max(8192));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(config.server.max_header_bytes as u32)
+            .max_concurrent_streams(256)
+            .keep_alive_interval(Some(Duration::from_secs(30)));
+        let builder = Arc::new(builder);
+
+        let ctx = Accept {
+            limit: Arc::new(Semaphore::new(config.server.max_connections)),
+            shutdown: server.shutdown.clone(),
+            force: server.force.clone(),
+            tracker: server.tracker.clone(),
+            idle_timeout: config.server.idle_timeout,
+        };
+        let admin_ctx = Accept {
+            limit: Arc::new(Semaphore::new(64)),
+            ..ctx.clone()
+        };
+        let serve = {
+            let ctx = ctx.clone();
+            move |stream: TcpStream, peer: SocketAddr, activity: Arc<Activity>| {
+                let proxy = proxy.clone();
+                let builder = builder.clone();
+                let info = Arc::new(ConnInfo {
+                    peer,
+                    activity: activity.clone(),
+                });
+                let io = TokioIo::new(ActivityIo {
+                    inner: stream,
+                    activity: activity.clone(),
+                });
+                let svc = service_fn(move |req| proxy.clone().handle(req, info.clone()));
+                let ctx = ctx.clone();
+                async move {
+                    let conn = builder.serve_connection_with_upgrades(io, svc);
+                    ctx.drive(conn, &activity, peer).await;
+                }
+            }
+        };
+        server
+            .tracker
+            .spawn(ctx.clone().accept_loop(listener, "proxy", serve));
+
+        let admin_proxy = server.proxy.clone();
+        let admin_loop = admin_ctx.clone();
+        let admin_serve = move |stream: TcpStream, peer: SocketAddr, activity: Arc<Activity>| {
+            let proxy = admin_proxy.clone();
+            let io = TokioIo::new(ActivityIo {
+                inner: stream,
+                activity: activity.clone(),
+            });
+            let svc = service_fn(move |req| admin_handle(proxy.clone(), req));
+            let ctx = admin_ctx.clone();
+            async move {
+                let mut b = hyper::server::conn::http1::Builder::new();
+                b.timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10));
+                let conn = b.serve_connection(io, svc);
+                ctx.drive(conn, &activity, peer).await;
+            }
+        };
+        server
+            .tracker
+            .spawn(admin_loop.accept_loop(admin, "admin", admin_serve));
+
+        tracing::info!(listen = %local_addr, admin = %admin_addr, upstream = %config.upstream.url, "portcullis listening");
+        Ok(server)
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Stop accepting, let in-flight requests finish within `shutdown_grace`, then close
+    /// whatever is left. Returns once every connection task has ended.
+    pub async fn shutdown(self) {
+        let grace = self.proxy.config.server.shutdown_grace;
+        self.shutdown.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(grace = ?grace, "shutdown grace period over; closing remaining connections");
+            self.force.cancel();
+            self.tracker.wait().await;
+        }
+        tracing::info!("portcullis stopped");
+    }
+}
+
+#[derive(Clone)]
+struct Accept {
+    limit: Arc<Semaphore>,
+    shutdown: CancellationToken,
+    force: CancellationToken,
+    tracker: TaskTracker,
+    idle_timeout: Duration,
+}
+
+impl Accept {
+    /// Accept until shutdown. Over `max_connections`, a new connection is closed at once.
+    /// Accept errors (EMFILE and the like) back off and never end the loop.
+    async fn accept_loop<F, Fut>(self, listener: TcpListener, name: &'static str, serve: F)
+    where
+        F: Fn(TcpStream, SocketAddr, Arc<Activity>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let accepted = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => {
+                    backoff = Duration::from_millis(5);
+                    a
+                }
+                Err(e) if is_per_connection_error(&e) => continue,
+                Err(e) => {
+                    tracing::warn!(listener = name, error = %e, backoff = ?backoff, "accept failed; backing off");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let Ok(permit) = self.limit.clone().try_acquire_owned() else {
+                tracing::debug!(listener = name, peer = %peer, "connection limit reached; closing new connection");
+                drop(stream);
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let activity = Arc::new(Activity::new());
+            activity.touch();
+            let fut = serve(stream, peer, activity);
+            self.tracker.spawn(async move {
+                fut.await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// Run one proxy connection to its end: graceful close on shutdown or when idle, abrupt
+    /// close when the shutdown grace runs out.
+    async fn drive<C>(&self, conn: C, activity: &Activity, peer: SocketAddr)
+    where
+        C: GracefulConnection,
+        C::Error: std::fmt::Display,
+    {
+        tokio::pin!(conn);
+        let idle = self.idle_timeout;
+        let idle_timer = tokio::time::sleep(idle);
+        tokio::pin!(idle_timer);
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                res = conn.as_mut() => {
+                    if let Err(e) = res {
+                        tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+                    }
+                    return;
+                }
+                _ = self.shutdown.cancelled(), if !draining => {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = self.force.cancelled() => return,
+                _ = &mut idle_timer, if !draining => {
+                    let busy = activity.in_flight.load(std::sync::atomic::Ordering::Relaxed) > 0;
+                    let deadline = activity.last() + idle;
+                    if !busy && deadline <= tokio::time::Instant::now().into_std() {
+                        tracing::debug!(peer = %peer, "idle timeout; closing connection");
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                    } else {
+                        let next = if busy { tokio::time::Instant::now() + idle } else { deadline.into() };
+                        idle_timer.as_mut().reset(next);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Errors of one connection that `accept` reports but that say nothing about the listener.
+fn is_per_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    )
+}
+
+/// A socket that records when it last moved bytes, for the idle timeout.
+struct ActivityIo {
+    inner: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for ActivityIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for ActivityIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// `/healthz`: the process answers. `/readyz`: credentials are loaded and the backend accepts
+/// TCP connections; 503 with the same JSON detail otherwise.
+async fn admin_handle(
+    proxy: Arc<Proxy>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(text_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "method not allowed\n".into(),
+        ));
+    }
+    Ok(match req.uri().path() {
+        "/healthz" => text_response(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" => readiness(&proxy).await,
+        _ => text_response(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    })
+}
+
+async fn readiness(proxy: &Proxy) -> Response<Full<Bytes>> {
+    let cfg = &proxy.config;
+    let snapshot = proxy.snapshot.load();
+    let keys_loaded = snapshot.keys.enabled_count();
+    let credentials_ok = cfg.auth.anonymous || keys_loaded > 0;
+    let authority = &cfg.upstream.authority;
+    let port = authority.port_u16().unwrap_or(80);
+    let upstream_ok = matches!(
+        tokio::time::timeout(
+            Duration::from_secs(1).min(cfg.upstream.connect_timeout),
+            TcpStream::connect((authority.host().trim_matches(['[', ']']), port)),
+        )
+        .await,
+        Ok(Ok(_))
+    );
+    let ready = credentials_ok && upstream_ok;
+    let body = serde_json::json!({
+        "ready": ready,
+        "credentials": {
+            "ok": credentials_ok,
+            "anonymous": cfg.auth.anonymous,
+            "keys": {
+                "file": cfg.auth.keys_file.as_ref().map(|p| p.display().to_string()),
+                "loaded": snapshot.keys.len(),
+                "enabled": keys_loaded,
+                "last_reload": "ok",
+            },
+        },
+        "upstream": { "url": cfg.upstream.url.to_string(), "reachable": upstream_ok },
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    text_response(status, "application/json", format!("{body}\n"))
+}
