@@ -148,7 +148,13 @@ mod tests {
     /// Pins DESIGN.md §4 for the rows this build implements.
     #[test]
     fn statuses_codes_and_headers_follow_the_design_table() {
-        let table: &[(Reject, u16, &str, Option<(&str, &str)>)] = &[
+        type Row = (
+            Reject,
+            u16,
+            &'static str,
+            Option<(&'static str, &'static str)>,
+        );
+        let table: &[Row] = &[
             (
                 Reject::MissingCredentials,
                 403,

@@ -1,1 +1,8 @@
+//! Integration tests: a real backend and a real proxy on loopback, one test crate.
 
+mod auth_api_key;
+mod cli;
+mod forwarding;
+mod paths;
+mod shutdown;
+mod support;

@@ -1,0 +1,209 @@
+//! The command line: check, keygen, hash-key, and the binary's signal handling.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::support::*;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_portcullis"))
+}
+
+#[test]
+fn check_reports_every_mistake_with_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("keys.toml"),
+        "[[keys]]\nname = \"a\"\napi_key = \"short\"\n[[keys]]\nname = \"b\"\nsha256 = \"nothex\"\nenabled = true\n",
+    )
+    .unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        "[server]\nlisten = \"0.0.0.0\"\nidle_timout = \"5s\"\n\n[upstream]\nurl = \"http://127.0.0.1:9\"\nresponse_timeout = \"forever\"\n\n[auth]\nkeys_file = \"keys.toml\"\npublic_paths = [\"health\"]\n",
+    )
+    .unwrap();
+    let out = bin()
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    let cfg = config.display().to_string();
+    let keys = dir.path().join("keys.toml").display().to_string();
+    let expect = [
+        format!("{cfg}:2:10: listen"),
+        format!("{cfg}:3:1: unknown key `idle_timout`; did you mean `idle_timeout`?"),
+        format!("{cfg}:7:20: response_timeout"),
+        format!("{cfg}:11:17: public_paths"),
+        format!("{keys}:3:11: api_key of \"a\""),
+        format!("{keys}:6:10: sha256 of \"b\""),
+    ];
+    for e in &expect {
+        assert!(
+            lines.iter().any(|l| l.starts_with(e.as_str())),
+            "missing {e:?} in\n{stdout}"
+        );
+    }
+    assert_eq!(lines.len(), expect.len(), "{stdout}");
+}
+
+#[test]
+fn check_prints_ok_for_a_valid_config() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keys.toml"), keys_file()).unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        "[upstream]\nurl = \"http://127.0.0.1:9\"\n[auth]\nkeys_file = \"keys.toml\"\n",
+    )
+    .unwrap();
+    let out = bin()
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
+}
+
+#[test]
+fn the_example_config_is_valid() {
+    // proxy.toml.example documents every key; with a keys file beside it, it must pass check.
+    let dir = tempfile::tempdir().unwrap();
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml.example"))
+            .unwrap();
+    std::fs::write(dir.path().join("proxy.toml"), example).unwrap();
+    std::fs::write(dir.path().join("keys.toml"), keys_file()).unwrap();
+    let out = bin()
+        .arg("check")
+        .arg("--config")
+        .arg(dir.path().join("proxy.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn keygen_prints_a_58_character_key_and_its_entry() {
+    for (args, prefix) in [(vec!["keygen"], "mas_"), (vec!["keygen", "--user"], "mau_")] {
+        let out = bin().args(&args).output().unwrap();
+        assert!(out.status.success());
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let mut lines = stdout.lines();
+        let key = lines.next().unwrap();
+        assert_eq!(key.len(), 58);
+        assert!(key.starts_with(prefix));
+        assert!(key[4..]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        assert_eq!(
+            lines.next().unwrap(),
+            format!("sha256 = \"{}\"", sha256_hex(key))
+        );
+    }
+}
+
+#[test]
+fn hash_key_reads_one_key_from_stdin() {
+    let mut child = bin()
+        .arg("hash-key")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("  {PROD_KEY}\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("sha256 = \"{}\"\n", sha256_hex(PROD_KEY))
+    );
+}
+
+#[test]
+fn run_refuses_to_start_without_a_credential_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(&config, "[upstream]\nurl = \"http://127.0.0.1:9\"\n").unwrap();
+    let out = bin().arg("--config").arg(&config).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no credential source"));
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_binary_cleanly() {
+    let backend = Backend::ok().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keys.toml"), keys_file()).unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[upstream]\nurl = \"{}\"\n[auth]\nkeys_file = \"keys.toml\"\n[log]\nformat = \"json\"\naccess_log = \"off\"\n",
+            backend.url()
+        ),
+    )
+    .unwrap();
+    let mut child = bin()
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The listening line carries the bound address.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("a startup line");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["message"], "portcullis listening");
+    let addr: std::net::SocketAddr = v["listen"].as_str().unwrap().parse().unwrap();
+    let r = get(&format!("http://{addr}/x"), &[("x-api-key", PROD_KEY)]).await;
+    assert_eq!(r.status, 200);
+
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(code) = child.try_wait().unwrap() {
+            break code;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running 10 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(code.success(), "exit status {code}");
+}
