@@ -2,6 +2,7 @@
 
 mod auth_api_key;
 mod cli;
+mod connections;
 mod forwarding;
 mod paths;
 mod shutdown;
