@@ -46,6 +46,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether the request's `TE` lists `trailers` (RFC 9110 §10.1.4).
+pub fn te_has_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("trailers")
+        })
+}
+
 /// Remove every header a client could send to pose as someone or somewhere else.
 pub fn strip_spoofable(headers: &mut HeaderMap, identity_header: &HeaderName) {
     for name in [

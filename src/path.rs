@@ -103,6 +103,15 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
     if !path.is_ascii() {
         return Err(PathError::InvalidUtf8);
     }
+    // Most paths have nothing to normalise: no escapes, no empty or dot segments.
+    let plain = path
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && b != b'%' && b != b'\\')
+        && !path.contains("//")
+        && !path.contains("/.");
+    if plain {
+        return Ok(path.to_owned());
+    }
     let mut segments: Vec<String> = Vec::new();
     let mut trailing_slash = false;
     for raw in path[1..].split('/') {

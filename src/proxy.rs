@@ -15,7 +15,7 @@ use std::time::{Instant, SystemTime};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::uri::PathAndQuery;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -207,7 +207,13 @@ impl Proxy {
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
         let h = &mut parts.headers;
+        // gRPC over h2c needs `TE: trailers`, the one TE value that may cross an HTTP/2 hop.
+        let keep_te_trailers =
+            cfg.upstream.protocol == UpstreamProtocol::Http2 && headers::te_has_trailers(h);
         headers::strip_hop_by_hop(h);
+        if keep_te_trailers {
+            h.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         headers::strip_spoofable(h, &cfg.auth.identity_header);
         if !cfg.upstream.pass_credentials {
             for name in &cfg.auth.api_key_headers {
@@ -362,7 +368,7 @@ impl Exchange {
             record: Record {
                 time: SystemTime::now(),
                 client: conn.peer.ip(),
-                method: method_for_log(req.method()),
+                method: req.method().as_str().to_owned(),
                 // Until the path is normalised: the raw path, never the query.
                 path: req.uri().path().to_owned(),
                 protocol: protocol_name(req.version()),
@@ -381,10 +387,6 @@ impl Exchange {
             finished: false,
         }
     }
-}
-
-fn method_for_log(m: &Method) -> String {
-    m.as_str().to_owned()
 }
 
 impl Drop for Exchange {

@@ -81,8 +81,8 @@ impl Server {
             .http2()
             .timer(TokioTimer::new())
             .max_header_list_size(config.server.max_header_bytes as u32)
-            .max_concurrent_streams(256)
-            .keep_alive_interval(Some(Duration::from_secs(30)));
+            // No keep-alive pings: their bytes would keep an idle connection alive forever.
+            .max_concurrent_streams(256);
         let builder = Arc::new(builder);
 
         let ctx = Accept {

@@ -207,3 +207,88 @@ async fn sigterm_stops_the_binary_cleanly() {
     };
     assert!(code.success(), "exit status {code}");
 }
+
+#[tokio::test]
+async fn the_demo_serves_its_key_and_refuses_requests_without_it() {
+    let mut child = bin()
+        .arg("demo")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut proxy_addr = None;
+    let mut key = None;
+    let mut admin = None;
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the demo prints its instructions");
+        if let Some(rest) = line.split("protected by portcullis on ").nth(1) {
+            proxy_addr = Some(rest.trim_end_matches('.').to_string());
+        }
+        if line.trim_start().starts_with("mas_") {
+            key = Some(line.trim().to_string());
+        }
+        if let Some(url) = line
+            .trim()
+            .strip_prefix("curl -i http://")
+            .and_then(|u| u.strip_suffix("/readyz"))
+        {
+            admin = Some(url.to_string());
+        }
+        if line.contains("Ctrl-C stops the demo") {
+            break;
+        }
+    }
+    let (addr, key, admin) = (proxy_addr.unwrap(), key.unwrap(), admin.unwrap());
+    assert_eq!(key.len(), 58);
+    let r = get(
+        &format!("http://{addr}/api/v1/invoke"),
+        &[("authorization", &bearer(&key))],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["headers"]["x-authenticated-user"], "demo-client");
+    assert!(r.json()["headers"].get("authorization").is_none());
+    assert_eq!(
+        get(&format!("http://{addr}/api/v1/invoke"), &[])
+            .await
+            .status,
+        403
+    );
+    assert_eq!(
+        get(&format!("http://{admin}/readyz"), &[]).await.status,
+        200
+    );
+    // A combined access log line for the 200.
+    let logged = std::iter::from_fn(|| rx.recv_timeout(Duration::from_secs(5)).ok())
+        .find(|l| !l.trim().is_empty())
+        .expect("an access log line");
+    assert!(logged.starts_with("127.0.0.1 - demo-client ["), "{logged}");
+    assert!(!logged.contains(&key));
+
+    Command::new("kill")
+        .arg("-INT")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(code) = child.try_wait().unwrap() {
+            break code;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the demo ignores Ctrl-C"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(code.success(), "exit status {code}");
+}

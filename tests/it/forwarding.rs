@@ -270,3 +270,19 @@ async fn readiness_reports_credentials_and_backend_reachability() {
     assert_eq!(r.status, 503);
     assert_eq!(r.json()["upstream"]["reachable"], false);
 }
+
+#[tokio::test]
+async fn an_h2c_upstream_receives_http2_with_te_trailers_for_grpc() {
+    let backend = Backend::ok().await;
+    let proxy = Proxy::start(&backend.url(), "protocol = \"http2\"").await;
+    let r = get(
+        &proxy.url("/pkg.Service/Method"),
+        &[("x-api-key", PROD_KEY), ("te", "trailers")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let seen = backend.take().remove(0);
+    assert_eq!(seen.version, http::Version::HTTP_2);
+    assert_eq!(seen.headers["te"], "trailers");
+    assert_eq!(seen.headers["x-authenticated-user"], "production-backend");
+}

@@ -1,0 +1,82 @@
+//! Micro-benchmarks of the per-request work that is the proxy's own: path normalisation, key
+//! lookup, header rewriting. `cargo bench --bench pipeline`.
+//!
+//! The load comparison against nginx (whole requests over loopback) is a separate harness.
+
+use std::path::Path;
+use std::time::SystemTime;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{HeaderMap, HeaderName, HeaderValue};
+use portcullis::auth::api_key::{self, KeySet};
+use portcullis::headers;
+
+fn keys(n: usize) -> (KeySet, String) {
+    let mut text = String::new();
+    let mut last = String::new();
+    for i in 0..n {
+        last = api_key::generate("mas_").unwrap();
+        text.push_str(&format!(
+            "[[keys]]\nname = \"k{i}\"\napi_key = \"{last}\"\n"
+        ));
+    }
+    (KeySet::parse(Path::new("bench.toml"), &text).unwrap(), last)
+}
+
+fn request_headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in [
+        ("host", "api.internal:8443"),
+        ("user-agent", "python-httpx/0.27"),
+        ("accept", "application/json"),
+        ("content-type", "application/json"),
+        ("content-length", "512"),
+        ("connection", "keep-alive"),
+        (
+            "authorization",
+            "Bearer mas_0aPJ9Q9nUO1Ac1vJTfffXEXs9FyGLf9BzfYgZ_RaHm707wmbfHJNPQ",
+        ),
+        ("x-forwarded-for", "203.0.113.7"),
+        ("mcp-session-id", "4f6c1a7e-8d1b-4c1e-9a31-3e2f5b6d7c8a"),
+    ] {
+        h.insert(k, HeaderValue::from_static(v));
+    }
+    h
+}
+
+fn bench(c: &mut Criterion) {
+    c.bench_function("normalize /api/v1/invoke", |b| {
+        b.iter(|| portcullis::path::normalize(std::hint::black_box("/api/v1/invoke")))
+    });
+    c.bench_function("normalize with dot segments and escapes", |b| {
+        b.iter(|| portcullis::path::normalize(std::hint::black_box("/api/./v1/%69nvoke/../invoke")))
+    });
+    let (set, key) = keys(1000);
+    c.bench_function("key lookup among 1000 keys", |b| {
+        b.iter(|| set.lookup(std::hint::black_box(key.as_bytes()), SystemTime::now()))
+    });
+    let ident = HeaderName::from_static("x-authenticated-user");
+    let template = request_headers();
+    let host = HeaderValue::from_static("api.internal:8443");
+    c.bench_function("rewrite request headers", |b| {
+        b.iter(|| {
+            let mut h = template.clone();
+            headers::strip_hop_by_hop(&mut h);
+            headers::strip_spoofable(&mut h, &ident);
+            headers::set_forwarded(
+                &mut h,
+                &headers::Forwarded {
+                    client_ip: "127.0.0.1".parse().unwrap(),
+                    proto: "http",
+                    client_host: Some(&host),
+                },
+            );
+            h
+        })
+    });
+    let ids = headers::RequestIds::new();
+    c.bench_function("request id", |b| b.iter(|| ids.next()));
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
