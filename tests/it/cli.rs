@@ -99,6 +99,32 @@ fn the_example_config_is_valid() {
 }
 
 #[test]
+fn every_shipped_example_passes_check() {
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(examples).unwrap() {
+        let config = entry.unwrap().path().join("proxy.toml");
+        if !config.exists() {
+            continue;
+        }
+        let out = bin()
+            .arg("check")
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            config.display(),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        checked += 1;
+    }
+    assert!(checked >= 2, "examples were not found");
+}
+
+#[test]
 fn keygen_prints_a_58_character_key_and_its_entry() {
     for (args, prefix) in [(vec!["keygen"], "mas_"), (vec!["keygen", "--user"], "mau_")] {
         let out = bin().args(&args).output().unwrap();
