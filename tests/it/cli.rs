@@ -10,6 +10,38 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_portcullis"))
 }
 
+/// Every line `from` prints, as it is printed.
+fn lines_of(from: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+/// Send `signal` (as `kill` spells it) and wait up to 10 s for the process to exit.
+async fn stop(child: &mut std::process::Child, signal: &str) -> std::process::ExitStatus {
+    let sent = Command::new("kill")
+        .arg(signal)
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill {signal} failed");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(code) = child.try_wait().unwrap() {
+            return code;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running 10 s after {signal}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[test]
 fn check_reports_every_mistake_with_file_line_and_column() {
     let dir = tempfile::tempdir().unwrap();
@@ -198,13 +230,7 @@ async fn sigterm_stops_the_binary_cleanly() {
         .spawn()
         .unwrap();
     // The listening line carries the bound address.
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = lines_of(child.stderr.take().unwrap());
     let line = rx
         .recv_timeout(Duration::from_secs(20))
         .expect("a startup line");
@@ -214,23 +240,7 @@ async fn sigterm_stops_the_binary_cleanly() {
     let r = get(&format!("http://{addr}/x"), &[("x-api-key", PROD_KEY)]).await;
     assert_eq!(r.status, 200);
 
-    let status = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let code = loop {
-        if let Some(code) = child.try_wait().unwrap() {
-            break code;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still running 10 s after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let code = stop(&mut child, "-TERM").await;
     assert!(code.success(), "exit status {code}");
 }
 
@@ -242,13 +252,7 @@ async fn the_demo_serves_its_key_and_refuses_requests_without_it() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = lines_of(child.stdout.take().unwrap());
     let mut proxy_addr = None;
     let mut key = None;
     let mut admin = None;
@@ -300,21 +304,6 @@ async fn the_demo_serves_its_key_and_refuses_requests_without_it() {
     assert!(logged.starts_with("127.0.0.1 - demo-client ["), "{logged}");
     assert!(!logged.contains(&key));
 
-    Command::new("kill")
-        .arg("-INT")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let code = loop {
-        if let Some(code) = child.try_wait().unwrap() {
-            break code;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the demo ignores Ctrl-C"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let code = stop(&mut child, "-INT").await;
     assert!(code.success(), "exit status {code}");
 }
