@@ -4,6 +4,7 @@
 //! is not a well-formed credential for an enabled, unexpired key is a [`Reject`].
 
 pub mod api_key;
+pub mod htpasswd;
 
 use std::sync::Arc;
 use std::time::SystemTime;
