@@ -13,8 +13,12 @@ use http::Uri;
 use serde::Deserialize;
 use toml::Spanned;
 
+use std::sync::Arc;
+
 use crate::auth::api_key::KeySet;
+use crate::auth::htpasswd::Htpasswd;
 use crate::authz::PathPattern;
+use crate::ban::BanConfig;
 use crate::diag::{parse_toml, Diagnostic, Diagnostics, Source};
 
 type S<T> = Option<Spanned<T>>;
@@ -25,7 +29,17 @@ struct RawConfig {
     server: Option<RawServer>,
     upstream: Option<Spanned<RawUpstream>>,
     auth: Option<Spanned<RawAuth>>,
+    ban: Option<RawBan>,
     log: Option<RawLog>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBan {
+    enabled: Option<bool>,
+    failures: S<i64>,
+    window: S<String>,
+    duration: S<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -56,6 +70,10 @@ struct RawUpstream {
 #[serde(deny_unknown_fields)]
 struct RawAuth {
     keys_file: S<String>,
+    htpasswd_file: S<String>,
+    htpasswd_plaintext: Option<bool>,
+    htpasswd_cache_ttl: S<String>,
+    htpasswd_cache_entries: S<i64>,
     api_key_headers: S<Vec<String>>,
     realm: S<String>,
     identity_header: S<String>,
@@ -138,7 +156,10 @@ pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
     pub auth: AuthConfig,
+    pub ban: BanConfig,
     pub log: LogConfig,
+    /// Things worth telling the operator that do not stop the proxy (weak password hashes).
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -172,6 +193,14 @@ pub struct AuthConfig {
     pub keys_file: Option<PathBuf>,
     /// The keys loaded from `keys_file` at validation time.
     pub keys: KeySet,
+    pub htpasswd_file: Option<PathBuf>,
+    /// The users loaded from `htpasswd_file` at validation time.
+    pub htpasswd: Option<Arc<Htpasswd>>,
+    pub htpasswd_plaintext: bool,
+    /// How long a successful slow-hash verification is remembered.
+    pub htpasswd_cache_ttl: Duration,
+    /// Remembered verifications at most.
+    pub htpasswd_cache_entries: usize,
     /// Lower-case header names that may carry an API key, in the order they are tried.
     pub api_key_headers: Vec<http::HeaderName>,
     pub realm: String,
@@ -214,6 +243,7 @@ impl Config {
             src: &src,
             dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
             errors,
+            warnings: Vec::new(),
         };
         let config = v.config(raw);
         match config {
@@ -230,6 +260,7 @@ struct Validator<'a> {
     src: &'a Source<'a>,
     dir: PathBuf,
     errors: Vec<Diagnostic>,
+    warnings: Vec<String>,
 }
 
 impl Validator<'_> {
@@ -318,13 +349,16 @@ impl Validator<'_> {
             }
         };
         let auth = self.auth(raw.auth);
+        let ban = self.ban(raw.ban.unwrap_or_default());
         let log = self.log(raw.log.unwrap_or_default());
         Some(Config {
             path: self.src.path.to_path_buf(),
             server,
             upstream: upstream?,
             auth: auth?,
+            ban,
             log,
+            warnings: std::mem::take(&mut self.warnings),
         })
     }
 
@@ -461,8 +495,42 @@ impl Validator<'_> {
                 ),
             }
         }
-        if keys_file.is_none() && !anonymous {
-            let message = "no credential source: set [auth] keys_file = \"keys.toml\" (create keys with `portcullis keygen`), or set anonymous = true to let every request through unauthenticated";
+        let htpasswd_plaintext = a.htpasswd_plaintext.unwrap_or(false);
+        let htpasswd_file = a.htpasswd_file.as_ref().map(|f| self.path(f.get_ref()));
+        let mut htpasswd = None;
+        if let (Some(path), Some(raw)) = (&htpasswd_file, &a.htpasswd_file) {
+            match std::fs::read_to_string(path) {
+                Ok(text) => match Htpasswd::parse(path, &text, htpasswd_plaintext) {
+                    Ok((file, warnings)) => {
+                        htpasswd = Some(Arc::new(file));
+                        self.warnings.extend(warnings.into_iter().map(|w| w.0));
+                    }
+                    Err(mut e) => self.errors.append(&mut e),
+                },
+                Err(e) => self.err(
+                    raw,
+                    format!("htpasswd_file: cannot read {}: {e}", path.display()),
+                ),
+            }
+        }
+        let htpasswd_cache_ttl = self.duration(
+            &a.htpasswd_cache_ttl,
+            "htpasswd_cache_ttl",
+            Duration::from_secs(300),
+        );
+        let htpasswd_cache_entries = match &a.htpasswd_cache_entries {
+            None => 10_000,
+            Some(v) if (0..=1_000_000).contains(v.get_ref()) => *v.get_ref() as usize,
+            Some(v) => {
+                self.err(
+                    v,
+                    "htpasswd_cache_entries must be between 0 (no cache) and 1000000",
+                );
+                10_000
+            }
+        };
+        if keys_file.is_none() && htpasswd_file.is_none() && !anonymous {
+            let message = "no credential source: set [auth] keys_file = \"keys.toml\" (create keys with `portcullis keygen`) or htpasswd_file = \"htpasswd\", or set anonymous = true to let every request through unauthenticated";
             match &span_holder {
                 Some(s) => self.err(s, message),
                 None => self.err_top(message),
@@ -531,12 +599,35 @@ impl Validator<'_> {
         Some(AuthConfig {
             keys_file,
             keys,
+            htpasswd_file,
+            htpasswd,
+            htpasswd_plaintext,
+            htpasswd_cache_ttl,
+            htpasswd_cache_entries,
             api_key_headers,
             realm,
             identity_header,
             public_paths,
             anonymous,
         })
+    }
+
+    fn ban(&mut self, b: RawBan) -> BanConfig {
+        let d = BanConfig::default();
+        let failures = match &b.failures {
+            None => d.failures,
+            Some(v) if (1..=1_000_000).contains(v.get_ref()) => *v.get_ref() as u32,
+            Some(v) => {
+                self.err(v, "failures must be between 1 and 1000000");
+                d.failures
+            }
+        };
+        BanConfig {
+            enabled: b.enabled.unwrap_or(d.enabled),
+            failures,
+            window: self.duration(&b.window, "window", d.window),
+            duration: self.duration(&b.duration, "duration", d.duration),
+        }
     }
 
     fn log(&mut self, l: RawLog) -> LogConfig {

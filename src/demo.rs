@@ -92,17 +92,27 @@ pub async fn run() -> anyhow::Result<()> {
         api_key::sha256_entry(&key)
     );
     std::fs::write(dir.0.join("keys.toml"), keys)?;
+    // An htpasswd user as `htpasswd -B` would write it (bcrypt, cost 10).
+    let password = api_key::generate("pw-")?[3..23].to_string();
+    let hash = bcrypt::hash(&password, 10)?;
+    std::fs::write(dir.0.join("htpasswd"), format!("demo-user:{hash}\n"))?;
     let config_text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n\
          [upstream]\nurl = \"http://{backend_addr}\"\n\
-         [auth]\nkeys_file = \"keys.toml\"\npublic_paths = [\"/public/*\"]\n\
+         [auth]\nkeys_file = \"keys.toml\"\nhtpasswd_file = \"htpasswd\"\npublic_paths = [\"/public/*\"]\n\
          [log]\naccess_format = \"combined\"\n"
     );
     let config_path = dir.0.join("proxy.toml");
     std::fs::write(&config_path, &config_text)?;
     let config = Config::load(&config_path).map_err(|d| anyhow::anyhow!("{d}"))?;
     let server = Server::bind(config).await?;
-    print_instructions(server.local_addr(), server.admin_addr(), backend_addr, &key);
+    print_instructions(
+        server.local_addr(),
+        server.admin_addr(),
+        backend_addr,
+        &key,
+        &password,
+    );
 
     tokio::signal::ctrl_c().await?;
     eprintln!("\nstopping the demo…");
@@ -110,7 +120,13 @@ pub async fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_instructions(proxy: SocketAddr, admin: SocketAddr, backend: SocketAddr, key: &str) {
+fn print_instructions(
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    backend: SocketAddr,
+    key: &str,
+    password: &str,
+) {
     println!(
         r#"
 portcullis demo: an echo backend on {backend}, protected by portcullis on {proxy}.
@@ -125,8 +141,15 @@ With the key, the request reaches the backend, which echoes what it was shown
 The same key in X-API-Key: 200
   curl -i -H 'X-API-Key: {key}' http://{proxy}/api/v1/invoke
 
-No key: 403 invalid_authorization, and the backend never sees the request
+HTTP Basic against the htpasswd file (user demo-user, bcrypt cost 10): 200. The first
+request pays for bcrypt; the next ones are served from the verification cache.
+  curl -i -u 'demo-user:{password}' http://{proxy}/api/v1/invoke
+
+No credentials: 401 with a Basic challenge, and the backend never sees the request
   curl -i http://{proxy}/api/v1/invoke
+
+A wrong password: 401 (ten failures in a minute ban the client for 15 minutes: 429)
+  curl -i -u 'demo-user:wrong' http://{proxy}/api/v1/invoke
 
 A wrong key: 401 invalid_token
   curl -i -H 'Authorization: Bearer mas_not_a_real_key_0000000000' http://{proxy}/api/v1/invoke
@@ -134,7 +157,7 @@ A wrong key: 401 invalid_token
 A public path (public_paths = ["/public/*"]): 200 without a key
   curl -i http://{proxy}/public/status
 
-A path trick: normalised to /api/v1/invoke before the check, so it is not public: 403
+A path trick: normalised to /api/v1/invoke before the check, so it is not public: 401
   curl -i --path-as-is 'http://{proxy}/public/../api/v1/invoke'
 
 Health and readiness (admin listener, loopback only):

@@ -3,6 +3,8 @@
 //! Bodies are short, fixed JSON: never an echo of a credential, an upstream error or an
 //! internal detail.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
@@ -22,6 +24,18 @@ pub enum Reject {
     /// Unknown, disabled or expired key.
     #[error("invalid token ({0:?})")]
     InvalidToken(KeyRefusal),
+    /// No credential, and HTTP Basic is accepted: challenge for it (the realm).
+    #[error("credentials required")]
+    BasicRequired(Arc<str>),
+    /// Wrong Basic user or password (the realm).
+    #[error("wrong user or password")]
+    BadPassword(Arc<str>),
+    /// Too many failed authentications from this client: banned for `retry_after` seconds.
+    #[error("banned")]
+    Banned { retry_after: u64 },
+    /// Too many requests from this client; try again after `retry_after` seconds.
+    #[error("rate limited")]
+    RateLimited { retry_after: u64 },
     /// Authenticated, but the key's `allow` list does not cover this method and path.
     #[error("forbidden")]
     Forbidden,
@@ -42,7 +56,10 @@ impl Reject {
             Reject::MissingCredentials | Reject::MalformedCredentials | Reject::InvalidScheme => {
                 StatusCode::FORBIDDEN
             }
-            Reject::InvalidToken(_) => StatusCode::UNAUTHORIZED,
+            Reject::InvalidToken(_) | Reject::BasicRequired(_) | Reject::BadPassword(_) => {
+                StatusCode::UNAUTHORIZED
+            }
+            Reject::Banned { .. } | Reject::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Reject::Forbidden => StatusCode::FORBIDDEN,
             Reject::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reject::BadRequest => StatusCode::BAD_REQUEST,
@@ -57,6 +74,9 @@ impl Reject {
             Reject::MissingCredentials | Reject::MalformedCredentials => "invalid_authorization",
             Reject::InvalidScheme => "invalid_scheme",
             Reject::InvalidToken(_) => "invalid_token",
+            Reject::BasicRequired(_) | Reject::BadPassword(_) => "unauthorized",
+            Reject::Banned { .. } => "banned",
+            Reject::RateLimited { .. } => "rate_limited",
             Reject::Forbidden => "forbidden",
             Reject::PayloadTooLarge => "payload_too_large",
             Reject::BadRequest => "bad_request",
@@ -73,6 +93,10 @@ impl Reject {
             Reject::MalformedCredentials => "The credentials in the request are malformed.",
             Reject::InvalidScheme => "This authorization scheme is not accepted.",
             Reject::InvalidToken(_) => "The API key is not valid.",
+            Reject::BasicRequired(_) => "Authentication is required.",
+            Reject::BadPassword(_) => "The user name or password is not valid.",
+            Reject::Banned { .. } => "Too many failed authentications; try again later.",
+            Reject::RateLimited { .. } => "Too many requests; try again later.",
             Reject::Forbidden => "This key may not access this method and path.",
             Reject::PayloadTooLarge => "The request body is too large.",
             Reject::BadRequest => "The request is malformed.",
@@ -87,7 +111,11 @@ impl Reject {
             Reject::MissingCredentials
             | Reject::MalformedCredentials
             | Reject::InvalidScheme
-            | Reject::InvalidToken(_) => "unauthenticated",
+            | Reject::InvalidToken(_)
+            | Reject::BasicRequired(_)
+            | Reject::BadPassword(_) => "unauthenticated",
+            Reject::Banned { .. } => "banned",
+            Reject::RateLimited { .. } => "rate_limited",
             Reject::Forbidden => "forbidden",
             Reject::PayloadTooLarge => "payload_too_large",
             Reject::BadRequest => "bad_request",
@@ -99,7 +127,8 @@ impl Reject {
     /// Why authentication failed, for logs and metrics (`None` when it is not an auth failure).
     pub fn auth_reason(&self) -> Option<&'static str> {
         Some(match self {
-            Reject::MissingCredentials => "missing",
+            Reject::MissingCredentials | Reject::BasicRequired(_) => "missing",
+            Reject::BadPassword(_) => "bad_password",
             Reject::MalformedCredentials => "malformed",
             Reject::InvalidScheme => "invalid_scheme",
             Reject::InvalidToken(KeyRefusal::Unknown) => "invalid_token",
@@ -107,6 +136,18 @@ impl Reject {
             Reject::InvalidToken(KeyRefusal::Expired) => "expired",
             _ => return None,
         })
+    }
+
+    /// Whether this refusal counts toward a ban: presented credentials that failed. A request
+    /// without credentials (a browser's first try) does not count (DESIGN.md §4).
+    pub fn counts_toward_ban(&self) -> bool {
+        matches!(
+            self,
+            Reject::MalformedCredentials
+                | Reject::InvalidScheme
+                | Reject::InvalidToken(_)
+                | Reject::BadPassword(_)
+        )
     }
 
     /// The response, with `body` as its body type.
@@ -130,6 +171,16 @@ impl Reject {
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer error=\"invalid_token\""),
                 );
+            }
+            Reject::BasicRequired(realm) | Reject::BadPassword(realm) => {
+                // RFC 7617: the realm, and UTF-8 as the credentials' charset.
+                let challenge = format!("Basic realm=\"{realm}\", charset=\"UTF-8\"");
+                if let Ok(v) = HeaderValue::from_str(&challenge) {
+                    h.insert(header::WWW_AUTHENTICATE, v);
+                }
+            }
+            Reject::Banned { retry_after } | Reject::RateLimited { retry_after } => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
             }
             Reject::BadRequest => {
                 h.insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -185,6 +236,30 @@ mod tests {
                 401,
                 "invalid_token",
                 Some(("www-authenticate", "Bearer error=\"invalid_token\"")),
+            ),
+            (
+                Reject::BasicRequired("api".into()),
+                401,
+                "unauthorized",
+                Some(("www-authenticate", "Basic realm=\"api\", charset=\"UTF-8\"")),
+            ),
+            (
+                Reject::BadPassword("api".into()),
+                401,
+                "unauthorized",
+                Some(("www-authenticate", "Basic realm=\"api\", charset=\"UTF-8\"")),
+            ),
+            (
+                Reject::Banned { retry_after: 900 },
+                429,
+                "banned",
+                Some(("retry-after", "900")),
+            ),
+            (
+                Reject::RateLimited { retry_after: 1 },
+                429,
+                "rate_limited",
+                Some(("retry-after", "1")),
             ),
             (Reject::Forbidden, 403, "forbidden", None),
             (Reject::PayloadTooLarge, 413, "payload_too_large", None),

@@ -6,6 +6,7 @@
 pub mod access_log;
 pub mod auth;
 pub mod authz;
+pub mod ban;
 pub mod config;
 pub mod demo;
 pub mod diag;

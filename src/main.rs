@@ -151,7 +151,10 @@ async fn stop_signal() -> std::io::Result<&'static str> {
 
 fn check(path: PathBuf) -> ExitCode {
     match Config::load(&path) {
-        Ok(_) => {
+        Ok(config) => {
+            for warning in &config.warnings {
+                eprintln!("warning: {warning}");
+            }
             println!("ok");
             ExitCode::SUCCESS
         }

@@ -5,7 +5,7 @@
 //! log line is written when the response body is finished (or the client goes away).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -24,7 +24,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::access_log::{AccessLogger, Record};
-use crate::auth::{Authenticator, Identity};
+use crate::auth::basic::{BasicVerifier, Verdict};
+use crate::auth::{Authenticator, Credential, Identity};
+use crate::ban::{Bans, Recorded};
 use crate::config::{Config, HostHeader, UpstreamProtocol};
 use crate::error::Reject;
 use crate::headers::{self, RequestIds, X_REQUEST_ID};
@@ -82,6 +84,9 @@ pub struct Proxy {
     ids: RequestIds,
     upstream_host: HeaderValue,
     proto: &'static str,
+    pub bans: Bans,
+    pub basic: BasicVerifier,
+    realm: Arc<str>,
 }
 
 impl Proxy {
@@ -102,12 +107,18 @@ impl Proxy {
         Proxy {
             upstream_host: HeaderValue::from_str(up.authority.as_str())
                 .expect("an authority is a header value"),
-            config,
             snapshot,
             client,
             access,
             ids: RequestIds::new(),
             proto: "http",
+            bans: Bans::new(config.ban),
+            basic: BasicVerifier::new(
+                config.auth.htpasswd_cache_ttl,
+                config.auth.htpasswd_cache_entries,
+            ),
+            realm: config.auth.realm.as_str().into(),
+            config,
         }
     }
 
@@ -179,17 +190,11 @@ impl Proxy {
             return Err(Reject::PayloadTooLarge);
         }
 
-        let snapshot = self.snapshot.load();
         let public = cfg.auth.public_paths.iter().any(|p| p.matches(&path));
         let identity = if public {
             Identity::Anonymous
         } else {
-            let auth = Authenticator {
-                keys: &snapshot.keys,
-                api_key_headers: &cfg.auth.api_key_headers,
-                anonymous: cfg.auth.anonymous,
-            };
-            auth.authenticate(&parts.headers, SystemTime::now())?
+            self.authenticate(&parts.headers, conn.peer.ip()).await?
         };
         ex.record.identity = identity.name().map(str::to_owned);
         ex.record.key_fp = identity.fingerprint().map(str::to_owned);
@@ -278,6 +283,60 @@ impl Proxy {
         };
         headers::strip_hop_by_hop(resp.headers_mut());
         Ok(resp)
+    }
+
+    /// Who the request is. A banned client is refused before any credential is looked at;
+    /// presented credentials that fail count toward a ban.
+    async fn authenticate(
+        &self,
+        headers: &http::HeaderMap,
+        client: IpAddr,
+    ) -> Result<Identity, Reject> {
+        let now = Instant::now();
+        if let Some(left) = self.bans.banned_for(client, now) {
+            return Err(Reject::Banned {
+                retry_after: left.as_secs_f64().ceil() as u64,
+            });
+        }
+        let result = self.check_credentials(headers, client, now).await;
+        if let Err(reject) = &result {
+            if reject.counts_toward_ban() {
+                if let Recorded::BanStarted(d) = self.bans.record_failure(client, now) {
+                    tracing::warn!(event = "ban_start", client = %client, duration = ?d, failures = self.bans.config().failures, "client banned after repeated authentication failures");
+                }
+            }
+        }
+        result
+    }
+
+    async fn check_credentials(
+        &self,
+        headers: &http::HeaderMap,
+        client: IpAddr,
+        now: Instant,
+    ) -> Result<Identity, Reject> {
+        let snapshot = self.snapshot.load();
+        let cfg = &self.config.auth;
+        let auth = Authenticator {
+            keys: &snapshot.keys,
+            api_key_headers: &cfg.api_key_headers,
+            anonymous: cfg.anonymous,
+            basic_realm: snapshot.htpasswd.as_ref().map(|_| &self.realm),
+        };
+        match auth.extract(headers)? {
+            None => auth.without_credentials(),
+            Some(Credential::ApiKey(token)) => auth.check_key(token, SystemTime::now()),
+            Some(Credential::Basic { user, password }) => {
+                let Some(file) = &snapshot.htpasswd else {
+                    return Err(Reject::InvalidScheme);
+                };
+                match self.basic.verify(file, &user, &password, client, now).await {
+                    Verdict::Valid => Ok(Identity::User(user.into())),
+                    Verdict::Invalid => Err(Reject::BadPassword(self.realm.clone())),
+                    Verdict::Throttled => Err(Reject::RateLimited { retry_after: 1 }),
+                }
+            }
+        }
     }
 
     fn upstream_uri(&self, path: &str, query: Option<&str>) -> Result<Uri, Reject> {

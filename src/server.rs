@@ -143,6 +143,27 @@ impl Server {
             .tracker
             .spawn(admin_loop.accept_loop(admin, "admin", admin_serve));
 
+        // Expired bans and stale failure counters are dropped in the background.
+        let housekeeping = server.proxy.clone();
+        let stop = server.shutdown.clone();
+        server.tracker.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {
+                        let ended = housekeeping.bans.housekeep(std::time::Instant::now());
+                        if ended > 0 {
+                            tracing::info!(event = "ban_end", count = ended, "bans expired");
+                        }
+                    }
+                }
+            }
+        });
+
+        for warning in &config.warnings {
+            tracing::warn!("{warning}");
+        }
         tracing::info!(listen = %local_addr, admin = %admin_addr, upstream = %config.upstream.url, "portcullis listening");
         Ok(server)
     }
@@ -153,6 +174,11 @@ impl Server {
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// The request pipeline and its shared state (bans, verification cache).
+    pub fn proxy(&self) -> &Arc<Proxy> {
+        &self.proxy
     }
 
     /// Stop accepting, let in-flight requests finish within `shutdown_grace`, then close
@@ -364,7 +390,8 @@ async fn readiness(proxy: &Proxy) -> Response<Full<Bytes>> {
     let cfg = &proxy.config;
     let snapshot = proxy.snapshot.load();
     let keys_loaded = snapshot.keys.enabled_count();
-    let credentials_ok = cfg.auth.anonymous || keys_loaded > 0;
+    let users_loaded = snapshot.htpasswd.as_ref().map_or(0, |h| h.len());
+    let credentials_ok = cfg.auth.anonymous || keys_loaded > 0 || users_loaded > 0;
     let authority = &cfg.upstream.authority;
     let port = authority.port_u16().unwrap_or(80);
     let upstream_ok = matches!(
@@ -385,6 +412,11 @@ async fn readiness(proxy: &Proxy) -> Response<Full<Bytes>> {
                 "file": cfg.auth.keys_file.as_ref().map(|p| p.display().to_string()),
                 "loaded": snapshot.keys.len(),
                 "enabled": keys_loaded,
+                "last_reload": "ok",
+            },
+            "htpasswd": {
+                "file": cfg.auth.htpasswd_file.as_ref().map(|p| p.display().to_string()),
+                "users": users_loaded,
                 "last_reload": "ok",
             },
         },

@@ -4,6 +4,7 @@
 //! is not a well-formed credential for an enabled, unexpired key is a [`Reject`].
 
 pub mod api_key;
+pub mod basic;
 pub mod htpasswd;
 
 use std::sync::Arc;
@@ -18,6 +19,8 @@ use api_key::{ApiKey, KeySet};
 #[derive(Debug, Clone)]
 pub enum Identity {
     Key(Arc<ApiKey>),
+    /// An htpasswd user, by name.
+    User(Arc<str>),
     /// A `public_paths` request, or any request under `anonymous = true` without a credential.
     Anonymous,
 }
@@ -27,6 +30,7 @@ impl Identity {
     pub fn name(&self) -> Option<&str> {
         match self {
             Identity::Key(k) => Some(&k.name),
+            Identity::User(u) => Some(u),
             Identity::Anonymous => None,
         }
     }
@@ -34,9 +38,16 @@ impl Identity {
     pub fn fingerprint(&self) -> Option<&str> {
         match self {
             Identity::Key(k) => Some(&k.fingerprint),
-            Identity::Anonymous => None,
+            Identity::User(_) | Identity::Anonymous => None,
         }
     }
+}
+
+/// A credential as the request presents it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Credential<'h> {
+    ApiKey(&'h str),
+    Basic { user: String, password: Vec<u8> },
 }
 
 /// What to accept, and how.
@@ -44,6 +55,8 @@ pub struct Authenticator<'a> {
     pub keys: &'a KeySet,
     pub api_key_headers: &'a [HeaderName],
     pub anonymous: bool,
+    /// HTTP Basic is accepted (an htpasswd file is configured): the realm to challenge with.
+    pub basic_realm: Option<&'a Arc<str>>,
 }
 
 fn is_token(s: &str) -> bool {
@@ -51,9 +64,9 @@ fn is_token(s: &str) -> bool {
 }
 
 impl Authenticator<'_> {
-    /// The API key a request presents, from the first configured header that is present.
+    /// The credential a request presents, from the first configured header that is present.
     /// `Ok(None)`: no credential at all.
-    pub fn extract<'h>(&self, headers: &'h HeaderMap) -> Result<Option<&'h str>, Reject> {
+    pub fn extract<'h>(&self, headers: &'h HeaderMap) -> Result<Option<Credential<'h>>, Reject> {
         for name in self.api_key_headers {
             let mut values = headers.get_all(name).iter();
             let Some(value) = values.next() else { continue };
@@ -65,38 +78,84 @@ impl Authenticator<'_> {
                 .to_str()
                 .map_err(|_| Reject::MalformedCredentials)?
                 .trim();
-            let token = if name == header::AUTHORIZATION {
-                let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
-                if scheme.is_empty() {
-                    return Err(Reject::MalformedCredentials);
-                }
-                if !scheme.eq_ignore_ascii_case("bearer") {
-                    return Err(Reject::InvalidScheme);
-                }
-                rest.trim()
+            let credential = if name == header::AUTHORIZATION {
+                self.authorization(value, true)?
             } else {
-                value
+                Credential::ApiKey(value)
             };
-            if !is_token(token) {
+            if matches!(credential, Credential::ApiKey(t) if !is_token(t)) {
                 return Err(Reject::MalformedCredentials);
             }
-            return Ok(Some(token));
+            return Ok(Some(credential));
+        }
+        // `Authorization: Basic` is looked for even when "authorization" is not among the API
+        // key headers (then a Bearer there is a refused scheme).
+        if self.basic_realm.is_some() && !self.api_key_headers.contains(&header::AUTHORIZATION) {
+            if let Some(v) = headers.get(header::AUTHORIZATION) {
+                let v = v.to_str().map_err(|_| Reject::MalformedCredentials)?.trim();
+                return self.authorization(v, false).map(Some);
+            }
         }
         Ok(None)
     }
 
-    /// Authenticate a request by its headers.
-    pub fn authenticate(&self, headers: &HeaderMap, now: SystemTime) -> Result<Identity, Reject> {
-        match self.extract(headers)? {
-            Some(token) => self
-                .keys
-                .lookup(token.as_bytes(), now)
-                .map(Identity::Key)
-                .map_err(Reject::InvalidToken),
-            None if self.anonymous => Ok(Identity::Anonymous),
-            None => Err(Reject::MissingCredentials),
+    /// An `Authorization` value: `Bearer <key>` (when `bearer` is accepted there) or, with an
+    /// htpasswd file, `Basic <base64>`. Any other scheme is refused.
+    fn authorization<'h>(&self, value: &'h str, bearer: bool) -> Result<Credential<'h>, Reject> {
+        let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+        if scheme.is_empty() {
+            return Err(Reject::MalformedCredentials);
+        }
+        if scheme.eq_ignore_ascii_case("basic") && self.basic_realm.is_some() {
+            return parse_basic(rest.trim());
+        }
+        if bearer && scheme.eq_ignore_ascii_case("bearer") {
+            return Ok(Credential::ApiKey(rest.trim()));
+        }
+        Err(Reject::InvalidScheme)
+    }
+
+    /// What a request without any credential gets: anonymous access when configured, else a
+    /// Basic challenge (htpasswd configured) or 403.
+    pub fn without_credentials(&self) -> Result<Identity, Reject> {
+        if self.anonymous {
+            Ok(Identity::Anonymous)
+        } else if let Some(realm) = self.basic_realm {
+            Err(Reject::BasicRequired(realm.clone()))
+        } else {
+            Err(Reject::MissingCredentials)
         }
     }
+
+    /// Check an API key.
+    pub fn check_key(&self, token: &str, now: SystemTime) -> Result<Identity, Reject> {
+        self.keys
+            .lookup(token.as_bytes(), now)
+            .map(Identity::Key)
+            .map_err(Reject::InvalidToken)
+    }
+}
+
+/// `user:password` from the base64 of `Authorization: Basic` (RFC 7617).
+fn parse_basic(encoded: &str) -> Result<Credential<'static>, Reject> {
+    use base64::Engine;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|_| Reject::MalformedCredentials)?;
+    let colon = decoded
+        .iter()
+        .position(|&b| b == b':')
+        .ok_or(Reject::MalformedCredentials)?;
+    let user = std::str::from_utf8(&decoded[..colon])
+        .map_err(|_| Reject::MalformedCredentials)?
+        .to_owned();
+    if user.chars().any(char::is_control) {
+        return Err(Reject::MalformedCredentials);
+    }
+    Ok(Credential::Basic {
+        user,
+        password: decoded[colon + 1..].to_vec(),
+    })
 }
 
 #[cfg(test)]
@@ -123,12 +182,58 @@ mod tests {
             keys: &keys,
             api_key_headers: &names,
             anonymous,
+            basic_realm: None,
         };
+        match a.extract(&map(headers))? {
+            Some(Credential::ApiKey(token)) => a.check_key(token, SystemTime::now()),
+            Some(Credential::Basic { .. }) => panic!("Basic without htpasswd"),
+            None => a.without_credentials(),
+        }
+    }
+
+    fn map(headers: &[(&'static str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
         for (k, v) in headers {
             map.append(*k, HeaderValue::from_str(v).unwrap());
         }
-        a.authenticate(&map, SystemTime::now())
+        map
+    }
+
+    #[test]
+    fn basic_credentials_are_decoded_when_htpasswd_is_configured() {
+        let keys = keys();
+        let realm: Arc<str> = "r".into();
+        let names = [header::AUTHORIZATION, HeaderName::from_static("x-api-key")];
+        let only_x = [HeaderName::from_static("x-api-key")];
+        for api_key_headers in [&names[..], &only_x[..]] {
+            let a = Authenticator {
+                keys: &keys,
+                api_key_headers,
+                anonymous: false,
+                basic_realm: Some(&realm),
+            };
+            // "alice:pa:ss" — the password may hold colons.
+            let headers = map(&[("authorization", "Basic YWxpY2U6cGE6c3M=")]);
+            let c = a.extract(&headers).unwrap();
+            assert_eq!(
+                c,
+                Some(Credential::Basic {
+                    user: "alice".into(),
+                    password: b"pa:ss".to_vec()
+                })
+            );
+            for bad in ["Basic", "Basic !!!", "Basic YWxpY2U="] {
+                assert_eq!(
+                    a.extract(&map(&[("authorization", bad)])),
+                    Err(Reject::MalformedCredentials),
+                    "{bad}"
+                );
+            }
+            assert_eq!(
+                a.without_credentials().unwrap_err(),
+                Reject::BasicRequired(realm.clone())
+            );
+        }
     }
 
     #[test]

@@ -256,6 +256,7 @@ async fn the_demo_serves_its_key_and_refuses_requests_without_it() {
     let mut proxy_addr = None;
     let mut key = None;
     let mut admin = None;
+    let mut password = None;
     loop {
         let line = rx
             .recv_timeout(Duration::from_secs(30))
@@ -272,6 +273,12 @@ async fn the_demo_serves_its_key_and_refuses_requests_without_it() {
             .and_then(|u| u.strip_suffix("/readyz"))
         {
             admin = Some(url.to_string());
+        }
+        if let Some(rest) = line.trim().strip_prefix("curl -i -u 'demo-user:") {
+            let p = rest.split('\'').next().unwrap();
+            if p != "wrong" {
+                password = Some(p.to_string());
+            }
         }
         if line.contains("Ctrl-C stops the demo") {
             break;
@@ -291,18 +298,34 @@ async fn the_demo_serves_its_key_and_refuses_requests_without_it() {
         get(&format!("http://{addr}/api/v1/invoke"), &[])
             .await
             .status,
-        403
+        401
     );
+    let basic = basic_auth("demo-user", &password.expect("a Basic example"));
+    let r = get(
+        &format!("http://{addr}/api/v1/invoke"),
+        &[("authorization", &basic)],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["headers"]["x-authenticated-user"], "demo-user");
     assert_eq!(
         get(&format!("http://{admin}/readyz"), &[]).await.status,
         200
     );
-    // A combined access log line for the 200.
-    let logged = std::iter::from_fn(|| rx.recv_timeout(Duration::from_secs(5)).ok())
-        .find(|l| !l.trim().is_empty())
-        .expect("an access log line");
-    assert!(logged.starts_with("127.0.0.1 - demo-client ["), "{logged}");
-    assert!(!logged.contains(&key));
+    // Combined access log lines, the first for the 200 with the key.
+    let logged: Vec<String> = std::iter::from_fn(|| rx.recv_timeout(Duration::from_secs(2)).ok())
+        .filter(|l| !l.trim().is_empty())
+        .take(3)
+        .collect();
+    assert!(
+        logged[0].starts_with("127.0.0.1 - demo-client ["),
+        "{logged:?}"
+    );
+    assert!(
+        logged[2].starts_with("127.0.0.1 - demo-user ["),
+        "{logged:?}"
+    );
+    assert!(!logged.iter().any(|l| l.contains(&key)));
 
     let code = stop(&mut child, "-INT").await;
     assert!(code.success(), "exit status {code}");

@@ -4,6 +4,7 @@ mod auth_api_key;
 mod cli;
 mod connections;
 mod forwarding;
+mod htpasswd;
 mod paths;
 mod shutdown;
 mod support;

@@ -379,3 +379,12 @@ impl http_body::Body for ChannelBody {
             .map(|c| c.map(|c| c.map(http_body::Frame::data)))
     }
 }
+
+/// The `Authorization` value for HTTP Basic.
+pub fn basic_auth(user: &str, password: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}

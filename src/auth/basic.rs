@@ -1,0 +1,345 @@
+//! HTTP Basic verification against an htpasswd file, made cheap and safe to expose.
+//!
+//! - Slow hashes (bcrypt, SHA-crypt, MD5-crypt) run on the blocking pool, at most one per CPU
+//!   at a time, so a bcrypt never stalls other connections.
+//! - A success is remembered for `ttl`: the cache key is a keyed SHA-256 of user, password and
+//!   the stored hash (with a per-process random key, so the cache holds nothing a dump could
+//!   brute-force offline). A changed entry therefore never matches an old cache line. Failures
+//!   are never cached. The cache is bounded; the oldest entries go first.
+//! - Concurrent verifications of the same credentials compute once.
+//! - An unknown user is verified against a decoy of the file's costliest scheme, so response
+//!   time does not tell which names exist.
+//! - One client may have at most [`MAX_SLOW_PER_CLIENT`] slow verifications in flight; more
+//!   are refused with 429 before any hash is computed.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::sync::{OnceCell, Semaphore};
+
+use super::htpasswd::Htpasswd;
+use crate::ban::ClientKey;
+
+/// Slow verifications one client may have in flight.
+pub const MAX_SLOW_PER_CLIENT: u32 = 4;
+
+/// What a verification found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Valid,
+    Invalid,
+    /// Too many slow verifications in flight for this client.
+    Throttled,
+}
+
+pub struct BasicVerifier {
+    secret: [u8; 32],
+    ttl: Duration,
+    capacity: usize,
+    cache: Mutex<Cache>,
+    inflight: Mutex<HashMap<[u8; 32], Arc<OnceCell<bool>>>>,
+    per_client: Mutex<HashMap<ClientKey, u32>>,
+    cpu: Semaphore,
+    /// Hash computations so far (slow and fast), for tests and metrics.
+    pub computed: AtomicU64,
+}
+
+#[derive(Default)]
+struct Cache {
+    until: HashMap<[u8; 32], Instant>,
+    order: VecDeque<[u8; 32]>,
+}
+
+impl BasicVerifier {
+    pub fn new(ttl: Duration, capacity: usize) -> BasicVerifier {
+        let mut secret = [0u8; 32];
+        // Without randomness the cache key is still a digest, only not a keyed one.
+        let _ = getrandom::fill(&mut secret);
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        BasicVerifier {
+            secret,
+            ttl,
+            capacity,
+            cache: Mutex::default(),
+            inflight: Mutex::default(),
+            per_client: Mutex::default(),
+            cpu: Semaphore::new(cpus),
+            computed: AtomicU64::new(0),
+        }
+    }
+
+    fn cache_key(&self, user: &str, password: &[u8], stored: &str) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(self.secret);
+        for part in [user.as_bytes(), password, stored.as_bytes()] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        h.finalize().into()
+    }
+
+    /// Check `user`'s `password` against `file`.
+    pub async fn verify(
+        &self,
+        file: &Htpasswd,
+        user: &str,
+        password: &[u8],
+        client: IpAddr,
+        now: Instant,
+    ) -> Verdict {
+        let Some((entry, known)) = file.user_or_decoy(user) else {
+            return Verdict::Invalid;
+        };
+        if !entry.hash.is_slow() {
+            self.computed.fetch_add(1, Ordering::Relaxed);
+            return if entry.hash.verify(password) && known {
+                Verdict::Valid
+            } else {
+                Verdict::Invalid
+            };
+        }
+        let key = self.cache_key(user, password, &entry.hash.stored());
+        if known && self.cached(&key, now) {
+            return Verdict::Valid;
+        }
+        let Some(_slot) = ClientSlot::take(&self.per_client, ClientKey::of(client)) else {
+            return Verdict::Throttled;
+        };
+        let cell = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            inflight.entry(key).or_default().clone()
+        };
+        let matched = *cell
+            .get_or_init(|| async {
+                let _cpu = self.cpu.acquire().await.ok();
+                self.computed.fetch_add(1, Ordering::Relaxed);
+                let hash = entry.hash.clone();
+                let password = password.to_vec();
+                tokio::task::spawn_blocking(move || hash.verify(&password))
+                    .await
+                    .unwrap_or(false)
+            })
+            .await;
+        {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            if inflight.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                inflight.remove(&key);
+            }
+        }
+        if matched && known {
+            self.remember(key, now);
+            Verdict::Valid
+        } else {
+            Verdict::Invalid
+        }
+    }
+
+    fn cached(&self, key: &[u8; 32], now: Instant) -> bool {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.until.get(key).is_some_and(|until| *until > now)
+    }
+
+    fn remember(&self, key: [u8; 32], now: Instant) {
+        if self.capacity == 0 {
+            return;
+        }
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        while cache.until.len() >= self.capacity {
+            let Some(old) = cache.order.pop_front() else {
+                break;
+            };
+            cache.until.remove(&old);
+        }
+        if cache.until.insert(key, now + self.ttl).is_none() {
+            cache.order.push_back(key);
+        }
+    }
+
+    /// Entries in the cache.
+    pub fn cached_entries(&self) -> usize {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .until
+            .len()
+    }
+}
+
+/// One client's place among its slow verifications in flight; released on drop.
+struct ClientSlot<'a> {
+    table: &'a Mutex<HashMap<ClientKey, u32>>,
+    key: ClientKey,
+}
+
+impl<'a> ClientSlot<'a> {
+    fn take(table: &'a Mutex<HashMap<ClientKey, u32>>, key: ClientKey) -> Option<ClientSlot<'a>> {
+        let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
+        let n = t.entry(key).or_insert(0);
+        if *n >= MAX_SLOW_PER_CLIENT {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot { table, key })
+    }
+}
+
+impl Drop for ClientSlot<'_> {
+    fn drop(&mut self) {
+        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = t.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                t.remove(&self.key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn file(text: &str) -> Htpasswd {
+        Htpasswd::parse(Path::new("h"), text, false).unwrap().0
+    }
+
+    /// A user "kim" with password "right", freshly salted each call.
+    fn bcrypt_file() -> Htpasswd {
+        file(&format!("kim:{}\n", bcrypt::hash("right", 4).unwrap()))
+    }
+
+    fn ip() -> IpAddr {
+        "192.0.2.1".parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_success_is_cached_and_a_failure_is_not() {
+        let v = BasicVerifier::new(Duration::from_secs(60), 100);
+        let f = bcrypt_file();
+        let now = Instant::now();
+        assert_eq!(
+            v.verify(&f, "kim", b"right", ip(), now).await,
+            Verdict::Valid
+        );
+        assert_eq!(
+            v.verify(&f, "kim", b"right", ip(), now).await,
+            Verdict::Valid
+        );
+        assert_eq!(
+            v.computed.load(Ordering::Relaxed),
+            1,
+            "the second success came from the cache"
+        );
+        assert_eq!(
+            v.verify(&f, "kim", b"wrong", ip(), now).await,
+            Verdict::Invalid
+        );
+        assert_eq!(
+            v.verify(&f, "kim", b"wrong", ip(), now).await,
+            Verdict::Invalid
+        );
+        assert_eq!(
+            v.computed.load(Ordering::Relaxed),
+            3,
+            "failures are computed every time"
+        );
+        // After the TTL the hash is computed again.
+        assert_eq!(
+            v.verify(&f, "kim", b"right", ip(), now + Duration::from_secs(61))
+                .await,
+            Verdict::Valid
+        );
+        assert_eq!(v.computed.load(Ordering::Relaxed), 4);
+    }
+
+    #[tokio::test]
+    async fn a_changed_entry_does_not_match_the_old_cache_line() {
+        let v = BasicVerifier::new(Duration::from_secs(60), 100);
+        let now = Instant::now();
+        assert_eq!(
+            v.verify(&bcrypt_file(), "kim", b"right", ip(), now).await,
+            Verdict::Valid
+        );
+        // Same user and password, new salt: a new entry in the file.
+        assert_eq!(
+            v.verify(&bcrypt_file(), "kim", b"right", ip(), now).await,
+            Verdict::Valid
+        );
+        assert_eq!(v.computed.load(Ordering::Relaxed), 2);
+        // The password changed: the old one no longer works, cache or not.
+        let changed = file(&format!("kim:{}\n", bcrypt::hash("new", 4).unwrap()));
+        assert_eq!(
+            v.verify(&changed, "kim", b"right", ip(), now).await,
+            Verdict::Invalid
+        );
+    }
+
+    #[tokio::test]
+    async fn concurrent_identical_verifications_compute_once() {
+        let v = Arc::new(BasicVerifier::new(Duration::from_secs(60), 100));
+        let f = Arc::new(file(&format!(
+            "kim:{}\n",
+            bcrypt::hash("right", 8).unwrap()
+        )));
+        let now = Instant::now();
+        let tasks: Vec<_> = (0..4)
+            .map(|_| {
+                let (v, f) = (v.clone(), f.clone());
+                tokio::spawn(async move { v.verify(&f, "kim", b"right", ip(), now).await })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), Verdict::Valid);
+        }
+        assert_eq!(v.computed.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn unknown_users_are_checked_against_a_decoy_and_never_valid() {
+        let v = BasicVerifier::new(Duration::from_secs(60), 100);
+        let f = bcrypt_file();
+        assert_eq!(
+            v.verify(&f, "nobody", b"right", ip(), Instant::now()).await,
+            Verdict::Invalid
+        );
+        assert_eq!(
+            v.computed.load(Ordering::Relaxed),
+            1,
+            "the decoy was verified"
+        );
+    }
+
+    #[tokio::test]
+    async fn one_client_cannot_run_more_than_its_share_of_slow_verifications() {
+        let table = Mutex::new(HashMap::new());
+        let key = ClientKey::of(ip());
+        let slots: Vec<_> = (0..MAX_SLOW_PER_CLIENT)
+            .map(|_| ClientSlot::take(&table, key).unwrap())
+            .collect();
+        assert!(ClientSlot::take(&table, key).is_none());
+        assert!(ClientSlot::take(&table, ClientKey::of("192.0.2.2".parse().unwrap())).is_some());
+        drop(slots);
+        assert!(table.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_cache_is_bounded() {
+        let v = BasicVerifier::new(Duration::from_secs(60), 2);
+        let now = Instant::now();
+        for _ in 0..3 {
+            v.remember(rand_key(), now);
+        }
+        assert_eq!(v.cached_entries(), 2);
+    }
+
+    fn rand_key() -> [u8; 32] {
+        let mut k = [0u8; 32];
+        getrandom::fill(&mut k).unwrap();
+        k
+    }
+}

@@ -1,0 +1,292 @@
+//! Brute-force bans (`[ban]`, DESIGN.md §4): after `failures` failed authentications from one
+//! client within `window`, the client gets 429 `banned` for `duration`, before any credential
+//! is looked at or any hash computed.
+//!
+//! Clients are keyed by IPv4 address, or by IPv6 /64 (one host usually owns a whole /64).
+//! Memory is bounded: at most [`MAX_TRACKED`] clients are tracked; when the table is full,
+//! clients that are not banned make room, oldest first. Active bans are never evicted.
+//! Pure: the caller passes the time and runs [`Bans::housekeep`] periodically.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Clients tracked at most (failure counters and bans together).
+pub const MAX_TRACKED: usize = 100_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BanConfig {
+    pub enabled: bool,
+    pub failures: u32,
+    pub window: Duration,
+    pub duration: Duration,
+}
+
+impl Default for BanConfig {
+    fn default() -> Self {
+        BanConfig {
+            enabled: true,
+            failures: 10,
+            window: Duration::from_secs(60),
+            duration: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+/// The part of an address a ban applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClientKey {
+    V4(u32),
+    V6Prefix(u64),
+}
+
+impl ClientKey {
+    pub fn of(ip: IpAddr) -> ClientKey {
+        match ip {
+            IpAddr::V4(v4) => ClientKey::V4(v4.into()),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => ClientKey::V4(v4.into()),
+                None => ClientKey::V6Prefix((u128::from(v6) >> 64) as u64),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    /// Times of recent failures, oldest first, at most `failures` of them.
+    failures: VecDeque<Instant>,
+    banned_until: Option<Instant>,
+    last_seen: Option<Instant>,
+}
+
+#[derive(Debug)]
+pub struct Bans {
+    config: BanConfig,
+    table: Mutex<HashMap<ClientKey, Entry>>,
+    /// Active bans, so that the common case (none) takes no lock.
+    active: AtomicUsize,
+}
+
+/// What [`Bans::record_failure`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    Counted,
+    /// This failure started a ban for that long.
+    BanStarted(Duration),
+    Disabled,
+}
+
+impl Bans {
+    pub fn new(config: BanConfig) -> Bans {
+        Bans {
+            config,
+            table: Mutex::new(HashMap::new()),
+            active: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn config(&self) -> &BanConfig {
+        &self.config
+    }
+
+    /// How much longer `ip` is banned, if it is.
+    pub fn banned_for(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
+        if !self.config.enabled || self.active.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        table
+            .get(&ClientKey::of(ip))
+            .and_then(|e| e.banned_until)
+            .and_then(|until| until.checked_duration_since(now))
+            .filter(|d| !d.is_zero())
+    }
+
+    /// Count a failed authentication from `ip`.
+    pub fn record_failure(&self, ip: IpAddr, now: Instant) -> Recorded {
+        if !self.config.enabled {
+            return Recorded::Disabled;
+        }
+        let key = ClientKey::of(ip);
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if !table.contains_key(&key) && table.len() >= MAX_TRACKED {
+            self.make_room(&mut table, now);
+        }
+        let entry = table.entry(key).or_default();
+        entry.last_seen = Some(now);
+        if entry.banned_until.is_some_and(|u| u > now) {
+            return Recorded::Counted;
+        }
+        if entry.banned_until.take().is_some() {
+            self.active.fetch_sub(1, Ordering::Relaxed);
+        }
+        while entry
+            .failures
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= self.config.window)
+        {
+            entry.failures.pop_front();
+        }
+        entry.failures.push_back(now);
+        if entry.failures.len() >= self.config.failures as usize {
+            entry.failures.clear();
+            entry.banned_until = Some(now + self.config.duration);
+            self.active.fetch_add(1, Ordering::Relaxed);
+            return Recorded::BanStarted(self.config.duration);
+        }
+        Recorded::Counted
+    }
+
+    /// Forget expired bans and stale counters. Returns how many bans ended.
+    pub fn housekeep(&self, now: Instant) -> usize {
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ended = 0;
+        let window = self.config.window;
+        table.retain(|_, e| {
+            if let Some(until) = e.banned_until {
+                if until > now {
+                    return true;
+                }
+                ended += 1;
+                e.banned_until = None;
+            }
+            e.failures.retain(|t| now.duration_since(*t) < window);
+            !e.failures.is_empty()
+        });
+        self.active.fetch_sub(ended, Ordering::Relaxed);
+        ended
+    }
+
+    /// Clients banned right now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Clients tracked (banned or counting).
+    pub fn tracked(&self) -> usize {
+        self.table.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    fn make_room(&self, table: &mut HashMap<ClientKey, Entry>, now: Instant) {
+        drop_stale(table, now, self.config.window);
+        if table.len() < MAX_TRACKED {
+            return;
+        }
+        // Still full of live counters: drop the least recently seen tenth that is not banned.
+        let mut unbanned: Vec<(Instant, ClientKey)> = table
+            .iter()
+            .filter(|(_, e)| e.banned_until.is_none_or(|u| u <= now))
+            .map(|(k, e)| (e.last_seen.unwrap_or(now), *k))
+            .collect();
+        unbanned.sort_unstable_by_key(|(t, _)| *t);
+        for (_, k) in unbanned.iter().take(MAX_TRACKED / 10 + 1) {
+            table.remove(k);
+        }
+    }
+}
+
+fn drop_stale(table: &mut HashMap<ClientKey, Entry>, now: Instant, window: Duration) {
+    table.retain(|_, e| {
+        e.banned_until.is_some_and(|u| u > now)
+            || e.failures
+                .back()
+                .is_some_and(|t| now.duration_since(*t) < window)
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bans(failures: u32) -> Bans {
+        Bans::new(BanConfig {
+            failures,
+            ..BanConfig::default()
+        })
+    }
+
+    #[test]
+    fn the_nth_failure_within_the_window_starts_a_ban_that_expires() {
+        let b = bans(3);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let t0 = Instant::now();
+        assert_eq!(b.record_failure(ip, t0), Recorded::Counted);
+        assert_eq!(b.record_failure(ip, t0), Recorded::Counted);
+        assert!(b.banned_for(ip, t0).is_none());
+        assert_eq!(
+            b.record_failure(ip, t0),
+            Recorded::BanStarted(Duration::from_secs(900))
+        );
+        assert_eq!(
+            b.banned_for(ip, t0 + Duration::from_secs(60)),
+            Some(Duration::from_secs(840))
+        );
+        assert_eq!(b.active(), 1);
+        let later = t0 + Duration::from_secs(901);
+        assert!(b.banned_for(ip, later).is_none());
+        assert_eq!(b.housekeep(later), 1);
+        assert_eq!(b.active(), 0);
+        assert_eq!(b.tracked(), 0);
+    }
+
+    #[test]
+    fn failures_outside_the_window_do_not_add_up() {
+        let b = bans(3);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let t0 = Instant::now();
+        b.record_failure(ip, t0);
+        b.record_failure(ip, t0 + Duration::from_secs(30));
+        assert_eq!(
+            b.record_failure(ip, t0 + Duration::from_secs(61)),
+            Recorded::Counted
+        );
+        assert!(b.banned_for(ip, t0 + Duration::from_secs(61)).is_none());
+    }
+
+    #[test]
+    fn an_ipv6_client_is_banned_by_its_slash_64() {
+        let b = bans(2);
+        let t0 = Instant::now();
+        b.record_failure("2001:db8:1:2::1".parse().unwrap(), t0);
+        b.record_failure("2001:db8:1:2::ffff".parse().unwrap(), t0);
+        assert!(b
+            .banned_for("2001:db8:1:2:abcd::9".parse().unwrap(), t0)
+            .is_some());
+        assert!(b
+            .banned_for("2001:db8:1:3::1".parse().unwrap(), t0)
+            .is_none());
+        // An IPv4-mapped address is the IPv4 client.
+        b.record_failure("::ffff:192.0.2.7".parse().unwrap(), t0);
+        b.record_failure("192.0.2.7".parse().unwrap(), t0);
+        assert!(b.banned_for("192.0.2.7".parse().unwrap(), t0).is_some());
+    }
+
+    #[test]
+    fn a_full_table_makes_room_without_lifting_bans() {
+        let b = bans(2);
+        let t0 = Instant::now();
+        let banned: IpAddr = "10.255.255.255".parse().unwrap();
+        b.record_failure(banned, t0);
+        b.record_failure(banned, t0);
+        for i in 0..(MAX_TRACKED as u32 + 10) {
+            b.record_failure(IpAddr::V4(i.into()), t0 + Duration::from_millis(1));
+        }
+        assert!(b.tracked() <= MAX_TRACKED);
+        assert!(b.banned_for(banned, t0).is_some());
+    }
+
+    #[test]
+    fn disabled_bans_count_nothing() {
+        let b = Bans::new(BanConfig {
+            enabled: false,
+            failures: 1,
+            ..BanConfig::default()
+        });
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(b.record_failure(ip, Instant::now()), Recorded::Disabled);
+        assert!(b.banned_for(ip, Instant::now()).is_none());
+    }
+}
