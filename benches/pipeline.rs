@@ -4,11 +4,13 @@
 //! The load comparison against nginx (whole requests over loopback) is a separate harness.
 
 use std::path::Path;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use portcullis::auth::api_key::{self, KeySet};
+use portcullis::auth::basic::{BasicVerifier, Verdict};
+use portcullis::auth::htpasswd::Htpasswd;
 use portcullis::headers;
 
 fn keys(n: usize) -> (KeySet, String) {
@@ -72,6 +74,22 @@ fn bench(c: &mut Criterion) {
                 },
             );
             h
+        })
+    });
+    // HTTP Basic with bcrypt cost 10, served from the verification cache.
+    let file = format!("bench:{}\n", bcrypt::hash("bench password", 10).unwrap());
+    let (htpasswd, _) = Htpasswd::parse(Path::new("bench"), &file, false).unwrap();
+    let verifier = BasicVerifier::new(Duration::from_secs(300), 10_000);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let ip = "127.0.0.1".parse().unwrap();
+    let verdict =
+        rt.block_on(verifier.verify(&htpasswd, "bench", b"bench password", ip, Instant::now()));
+    assert_eq!(verdict, Verdict::Valid);
+    c.bench_function("basic bcrypt-10, cached", |b| {
+        b.iter(|| {
+            rt.block_on(verifier.verify(&htpasswd, "bench", b"bench password", ip, Instant::now()))
         })
     });
     let ids = headers::RequestIds::new();

@@ -69,6 +69,13 @@ fn main() -> ExitCode {
     }
 }
 
+/// Write to stdout; a reader that went away (`| head -1`) is not an error worth a panic.
+fn print_out(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
+}
+
 fn fail(message: &str) -> ExitCode {
     eprintln!("portcullis: {message}");
     ExitCode::FAILURE
@@ -155,11 +162,11 @@ fn check(path: PathBuf) -> ExitCode {
             for warning in &config.warnings {
                 eprintln!("warning: {warning}");
             }
-            println!("ok");
+            print_out("ok\n");
             ExitCode::SUCCESS
         }
         Err(diags) => {
-            println!("{diags}");
+            print_out(&format!("{diags}\n"));
             eprintln!("portcullis: {} problem(s) found", diags.0.len());
             ExitCode::FAILURE
         }
@@ -169,8 +176,7 @@ fn check(path: PathBuf) -> ExitCode {
 fn keygen(user: bool) -> ExitCode {
     match api_key::generate(if user { "mau_" } else { "mas_" }) {
         Ok(key) => {
-            println!("{key}");
-            println!("{}", api_key::sha256_entry(&key));
+            print_out(&format!("{key}\n{}\n", api_key::sha256_entry(&key)));
             ExitCode::SUCCESS
         }
         Err(e) => fail(&format!("the OS random number generator failed: {e}")),
@@ -189,6 +195,6 @@ fn hash_key() -> ExitCode {
     if key.contains(char::is_whitespace) {
         return fail("the key contains white space; give one key");
     }
-    println!("{}", api_key::sha256_entry(key));
+    print_out(&format!("{}\n", api_key::sha256_entry(key)));
     ExitCode::SUCCESS
 }

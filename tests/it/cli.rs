@@ -177,6 +177,23 @@ fn keygen_prints_a_58_character_key_and_its_entry() {
 }
 
 #[test]
+fn keygen_into_a_closed_pipe_does_not_panic() {
+    let mut child = bin()
+        .arg("keygen")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("panicked"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn hash_key_reads_one_key_from_stdin() {
     let mut child = bin()
         .arg("hash-key")
