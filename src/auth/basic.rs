@@ -102,7 +102,7 @@ impl BasicVerifier {
                 Verdict::Invalid
             };
         }
-        let key = self.cache_key(user, password, &entry.hash.stored());
+        let key = self.cache_key(user, password, &entry.stored);
         if known && self.cached(&key, now) {
             return Verdict::Valid;
         }

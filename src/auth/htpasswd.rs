@@ -89,7 +89,7 @@ impl Hash {
     }
 
     /// The stored text, for cache keys: a changed entry never matches an old cache entry.
-    pub fn stored(&self) -> String {
+    fn stored(&self) -> String {
         match self {
             Hash::Bcrypt(s) | Hash::ShaCrypt(s) | Hash::DesCrypt(s) | Hash::Plain(s) => s.clone(),
             Hash::Md5Crypt { full, .. } => full.clone(),
@@ -285,7 +285,20 @@ pub fn md5_crypt(password: &[u8], salt: &[u8], magic: &str) -> String {
 pub struct User {
     pub name: String,
     pub hash: Hash,
+    /// The hash as stored, for cache keys: a changed entry never matches an old cache line.
+    pub stored: String,
     pub line: usize,
+}
+
+impl User {
+    fn new(name: String, hash: Hash, line: usize) -> User {
+        User {
+            stored: hash.stored(),
+            name,
+            hash,
+            line,
+        }
+    }
 }
 
 /// Every user of one htpasswd file.
@@ -361,11 +374,7 @@ impl Htpasswd {
             }
             users.insert(
                 name.to_string(),
-                Arc::new(User {
-                    name: name.to_string(),
-                    hash,
-                    line: line_no,
-                }),
+                Arc::new(User::new(name.to_string(), hash, line_no)),
             );
         }
         if !errors.is_empty() {
@@ -384,13 +393,7 @@ impl Htpasswd {
         let decoy = users
             .values()
             .max_by_key(|u| (u.hash.is_slow(), cost_rank(&u.hash)))
-            .map(|u| {
-                Arc::new(User {
-                    name: String::new(),
-                    hash: u.hash.decoy(),
-                    line: 0,
-                })
-            });
+            .map(|u| Arc::new(User::new(String::new(), u.hash.decoy(), 0)));
         Ok((Htpasswd { users, decoy }, warnings))
     }
 

@@ -245,3 +245,21 @@ async fn the_access_log_names_the_key_by_fingerprint_never_the_key() {
         assert!(!text.contains(secret), "the access log holds {secret}");
     }
 }
+
+#[tokio::test]
+async fn guessing_api_keys_gets_the_client_banned() {
+    let backend = Backend::ok().await;
+    let proxy = Proxy::start(&backend.url(), "[ban]\nfailures = 3\nduration = \"1h\"").await;
+    let url = proxy.url("/api/x");
+    for i in 0..3 {
+        let guess = format!("mas_guess_{i:0>30}");
+        assert_eq!(get(&url, &[("x-api-key", &guess)]).await.status, 401);
+    }
+    let r = get(&url, &[("x-api-key", PROD_KEY)]).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.error_code(), "banned");
+    assert!(r.headers.contains_key("retry-after"));
+    assert_eq!(backend.count(), 0);
+    let lines = proxy.access_lines(4).await;
+    assert_eq!(lines[3]["outcome"], "banned");
+}
