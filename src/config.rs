@@ -20,6 +20,7 @@ use crate::auth::htpasswd::Htpasswd;
 use crate::authz::PathPattern;
 use crate::ban::BanConfig;
 use crate::diag::{parse_toml, Diagnostic, Diagnostics, Source};
+use crate::tls::{ClientAuth, LoadedCert, TlsConfig};
 
 type S<T> = Option<Spanned<T>>;
 
@@ -27,10 +28,35 @@ type S<T> = Option<Spanned<T>>;
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     server: Option<RawServer>,
+    tls: Option<Spanned<RawTls>>,
     upstream: Option<Spanned<RawUpstream>>,
     auth: Option<Spanned<RawAuth>>,
     ban: Option<RawBan>,
+    headers: Option<RawHeaders>,
     log: Option<RawLog>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: S<String>,
+    key: S<String>,
+    client_ca: S<String>,
+    client_auth: Option<ClientAuth>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHeaders {
+    hsts: S<String>,
+    frame_options: S<String>,
+    content_type_options: S<String>,
+    referrer_policy: S<String>,
+    content_security_policy: S<String>,
+    remove: Option<Vec<Spanned<String>>>,
+    #[serde(rename = "override")]
+    override_backend: Option<bool>,
+    set: Option<std::collections::BTreeMap<String, Spanned<String>>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -53,6 +79,7 @@ struct RawServer {
     idle_timeout: S<String>,
     max_body_bytes: S<String>,
     shutdown_grace: S<String>,
+    redirect_http: S<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -79,6 +106,7 @@ struct RawAuth {
     identity_header: S<String>,
     public_paths: Option<Vec<Spanned<String>>>,
     anonymous: Option<bool>,
+    client_cert_identity: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -154,9 +182,11 @@ pub struct Config {
     /// The config file this came from (for messages).
     pub path: PathBuf,
     pub server: ServerConfig,
+    pub tls: Option<Tls>,
     pub upstream: UpstreamConfig,
     pub auth: AuthConfig,
     pub ban: BanConfig,
+    pub headers: HeadersConfig,
     pub log: LogConfig,
     /// Things worth telling the operator that do not stop the proxy (weak password hashes).
     pub warnings: Vec<String>,
@@ -172,6 +202,15 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     pub max_body_bytes: u64,
     pub shutdown_grace: Duration,
+    /// A plain listener that answers 308 to https://.
+    pub redirect_http: Option<SocketAddr>,
+}
+
+/// `[tls]`, with the certificate it names loaded and checked.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub files: TlsConfig,
+    pub cert: LoadedCert,
 }
 
 #[derive(Debug, Clone)]
@@ -207,6 +246,21 @@ pub struct AuthConfig {
     pub identity_header: http::HeaderName,
     pub public_paths: Vec<PathPattern>,
     pub anonymous: bool,
+    /// With mTLS, a verified client certificate is a credential (its CN or first SAN).
+    pub client_cert_identity: bool,
+}
+
+/// Response headers added to every response, the backend's and the proxy's own.
+#[derive(Debug, Clone, Default)]
+pub struct HeadersConfig {
+    /// Sent only on responses over TLS.
+    pub hsts: Option<http::HeaderValue>,
+    /// Sent on every response, in this order.
+    pub add: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// Removed from every backend response.
+    pub remove: Vec<http::HeaderName>,
+    /// Replace a header the backend already set (default: keep the backend's).
+    pub override_backend: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -341,6 +395,7 @@ impl Validator<'_> {
 
     fn config(&mut self, raw: RawConfig) -> Option<Config> {
         let server = self.server(raw.server.unwrap_or_default());
+        let tls = raw.tls.and_then(|t| self.tls(t));
         let upstream = match raw.upstream {
             Some(u) => self.upstream(u),
             None => {
@@ -348,15 +403,18 @@ impl Validator<'_> {
                 None
             }
         };
-        let auth = self.auth(raw.auth);
+        let auth = self.auth(raw.auth, tls.as_ref());
         let ban = self.ban(raw.ban.unwrap_or_default());
+        let headers = self.headers(raw.headers.unwrap_or_default());
         let log = self.log(raw.log.unwrap_or_default());
         Some(Config {
             path: self.src.path.to_path_buf(),
             server,
+            tls,
             upstream: upstream?,
             auth: auth?,
             ban,
+            headers,
             log,
             warnings: std::mem::take(&mut self.warnings),
         })
@@ -394,6 +452,55 @@ impl Validator<'_> {
                 "shutdown_grace",
                 Duration::from_secs(30),
             ),
+            redirect_http: r
+                .redirect_http
+                .as_ref()
+                .map(|_| self.addr(&r.redirect_http, "redirect_http", "0.0.0.0:8080")),
+        }
+    }
+
+    fn tls(&mut self, t: Spanned<RawTls>) -> Option<Tls> {
+        let r = t.get_ref();
+        let (Some(cert), Some(key)) = (&r.cert, &r.key) else {
+            self.err(
+                &t,
+                "[tls] needs cert = \"tls.crt\" and key = \"tls.key\" (PEM files)",
+            );
+            return None;
+        };
+        let files = TlsConfig {
+            cert: self.path(cert.get_ref()),
+            key: self.path(key.get_ref()),
+            client_ca: r.client_ca.as_ref().map(|c| self.path(c.get_ref())),
+            client_auth: r.client_auth.unwrap_or_default(),
+        };
+        if r.client_auth.is_some() && r.client_ca.is_none() {
+            self.err(
+                &t,
+                "client_auth needs client_ca = \"ca.crt\" (the CA that signs client certificates)",
+            );
+        }
+        if let (Some(path), Some(raw)) = (&files.client_ca, &r.client_ca) {
+            if let Err(e) = crate::tls::load_client_roots(path) {
+                self.err(raw, e);
+            }
+        }
+        match crate::tls::load_cert(&files.cert, &files.key) {
+            Ok(loaded) => {
+                if let Some(w) =
+                    crate::tls::expiry_warning(&loaded, &files.cert, std::time::SystemTime::now())
+                {
+                    self.warnings.push(w);
+                }
+                Some(Tls {
+                    files,
+                    cert: loaded,
+                })
+            }
+            Err(e) => {
+                self.err(cert, e);
+                None
+            }
         }
     }
 
@@ -476,7 +583,7 @@ impl Validator<'_> {
         }
     }
 
-    fn auth(&mut self, a: Option<Spanned<RawAuth>>) -> Option<AuthConfig> {
+    fn auth(&mut self, a: Option<Spanned<RawAuth>>, tls: Option<&Tls>) -> Option<AuthConfig> {
         let span_holder = a.as_ref().map(|a| Spanned::new(a.span(), ()));
         let a = a.map(|a| a.into_inner()).unwrap_or_default();
         let anonymous = a.anonymous.unwrap_or(false);
@@ -529,7 +636,15 @@ impl Validator<'_> {
                 10_000
             }
         };
-        if keys_file.is_none() && htpasswd_file.is_none() && !anonymous {
+        let client_cert_identity = a.client_cert_identity.unwrap_or(false);
+        if client_cert_identity && tls.is_none_or(|t| t.files.client_ca.is_none()) {
+            let message = "client_cert_identity needs [tls] with client_ca (mTLS)";
+            match &span_holder {
+                Some(s) => self.err(s, message),
+                None => self.err_top(message),
+            }
+        }
+        if keys_file.is_none() && htpasswd_file.is_none() && !client_cert_identity && !anonymous {
             let message = "no credential source: set [auth] keys_file = \"keys.toml\" (create keys with `portcullis keygen`) or htpasswd_file = \"htpasswd\", or set anonymous = true to let every request through unauthenticated";
             match &span_holder {
                 Some(s) => self.err(s, message),
@@ -609,7 +724,95 @@ impl Validator<'_> {
             identity_header,
             public_paths,
             anonymous,
+            client_cert_identity,
         })
+    }
+
+    /// A header value from the config; "" means "do not send".
+    fn header_value(
+        &mut self,
+        v: &S<String>,
+        key: &str,
+        default: Option<&'static str>,
+    ) -> Option<http::HeaderValue> {
+        match v {
+            None => default.map(http::HeaderValue::from_static),
+            Some(v) if v.get_ref().is_empty() => None,
+            Some(v) => match http::HeaderValue::from_str(v.get_ref()) {
+                Ok(h) => Some(h),
+                Err(_) => {
+                    self.err(
+                        v,
+                        format!("{key}: not a valid header value (printable characters only)"),
+                    );
+                    None
+                }
+            },
+        }
+    }
+
+    fn headers(&mut self, h: RawHeaders) -> HeadersConfig {
+        let hsts = self.header_value(&h.hsts, "hsts", Some("max-age=31536000; includeSubDomains"));
+        let mut add = Vec::new();
+        for (name, key, value, default) in [
+            (
+                "x-frame-options",
+                "frame_options",
+                &h.frame_options,
+                Some("DENY"),
+            ),
+            (
+                "x-content-type-options",
+                "content_type_options",
+                &h.content_type_options,
+                Some("nosniff"),
+            ),
+            (
+                "referrer-policy",
+                "referrer_policy",
+                &h.referrer_policy,
+                Some("no-referrer"),
+            ),
+            (
+                "content-security-policy",
+                "content_security_policy",
+                &h.content_security_policy,
+                None,
+            ),
+        ] {
+            if let Some(v) = self.header_value(value, key, default) {
+                add.push((http::HeaderName::from_static(name), v));
+            }
+        }
+        for (name, value) in h.set.iter().flatten() {
+            let Ok(header) = http::HeaderName::from_bytes(name.as_bytes()) else {
+                self.err(
+                    value,
+                    format!("[headers.set]: \"{name}\" is not a valid header name"),
+                );
+                continue;
+            };
+            if let Some(v) = self.header_value(&Some(value.clone()), name, None) {
+                add.retain(|(n, _)| *n != header);
+                add.push((header, v));
+            }
+        }
+        let remove = match &h.remove {
+            None => vec![
+                http::header::SERVER,
+                http::HeaderName::from_static("x-powered-by"),
+            ],
+            Some(list) => list
+                .iter()
+                .filter_map(|n| self.header_name(n, "remove"))
+                .collect(),
+        };
+        HeadersConfig {
+            hsts,
+            add,
+            remove,
+            override_backend: h.override_backend.unwrap_or(false),
+        }
     }
 
     fn ban(&mut self, b: RawBan) -> BanConfig {

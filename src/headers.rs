@@ -94,6 +94,24 @@ pub fn set_forwarded(headers: &mut HeaderMap, f: &Forwarded<'_>) {
     }
 }
 
+/// Apply `[headers]` to a response: drop what `remove` names (the backend's `Server`,
+/// `X-Powered-By`), add the security headers, HSTS only over TLS (RFC 6797 §7.2: never over
+/// plain HTTP). A header the backend set is kept unless `override` is on.
+pub fn secure_response(headers: &mut HeaderMap, cfg: &crate::config::HeadersConfig, tls: bool) {
+    for name in &cfg.remove {
+        headers.remove(name);
+    }
+    let hsts = tls
+        .then_some(cfg.hsts.as_ref())
+        .flatten()
+        .map(|v| (&header::STRICT_TRANSPORT_SECURITY, v));
+    for (name, value) in cfg.add.iter().map(|(n, v)| (n, v)).chain(hsts) {
+        if cfg.override_backend || !headers.contains_key(name) {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+}
+
 /// A client's `X-Request-Id` is kept when it is short and plain; anything else is replaced.
 pub fn acceptable_request_id(v: &HeaderValue) -> bool {
     let b = v.as_bytes();
@@ -187,6 +205,46 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "127.0.0.9");
         assert_eq!(h["x-forwarded-host"], "example.test");
         assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    fn headers_config(override_backend: bool) -> crate::config::HeadersConfig {
+        crate::config::HeadersConfig {
+            hsts: Some(HeaderValue::from_static("max-age=60")),
+            add: vec![(
+                HeaderName::from_static("x-frame-options"),
+                HeaderValue::from_static("DENY"),
+            )],
+            remove: vec![header::SERVER],
+            override_backend,
+        }
+    }
+
+    #[test]
+    fn security_headers_are_added_and_hsts_only_over_tls() {
+        let mut h = HeaderMap::new();
+        h.insert("server", HeaderValue::from_static("backend/1.0"));
+        secure_response(&mut h, &headers_config(false), false);
+        assert!(!h.contains_key("server"));
+        assert_eq!(h["x-frame-options"], "DENY");
+        assert!(!h.contains_key("strict-transport-security"));
+        secure_response(&mut h, &headers_config(false), true);
+        assert_eq!(h["strict-transport-security"], "max-age=60");
+    }
+
+    #[test]
+    fn the_backends_header_is_kept_unless_override() {
+        let mut h = HeaderMap::new();
+        h.insert("x-frame-options", HeaderValue::from_static("SAMEORIGIN"));
+        secure_response(&mut h, &headers_config(false), false);
+        assert_eq!(
+            h.get_all("x-frame-options").iter().collect::<Vec<_>>(),
+            ["SAMEORIGIN"]
+        );
+        secure_response(&mut h, &headers_config(true), false);
+        assert_eq!(
+            h.get_all("x-frame-options").iter().collect::<Vec<_>>(),
+            ["DENY"]
+        );
     }
 
     #[test]

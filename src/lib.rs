@@ -14,8 +14,10 @@ pub mod error;
 pub mod headers;
 pub mod path;
 pub mod proxy;
+pub mod reload;
 pub mod server;
 pub mod state;
+pub mod tls;
 
 pub use config::Config;
 pub use server::Server;

@@ -128,7 +128,7 @@ fn run(path: PathBuf) -> ExitCode {
             Ok(s) => s,
             Err(e) => return fail(&format!("{e:#}")),
         };
-        match stop_signal().await {
+        match signals(&server).await {
             Ok(name) => tracing::info!(signal = name, "shutting down"),
             Err(e) => tracing::error!(error = %e, "cannot wait for signals; shutting down"),
         }
@@ -137,20 +137,28 @@ fn run(path: PathBuf) -> ExitCode {
     })
 }
 
-/// Wait for SIGTERM or SIGINT.
-async fn stop_signal() -> std::io::Result<&'static str> {
+/// Reload on SIGHUP; return on SIGTERM or SIGINT.
+async fn signals(server: &Server) -> std::io::Result<&'static str> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => Ok("SIGTERM"),
-            _ = int.recv() => Ok("SIGINT"),
+        let mut hup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => return Ok("SIGTERM"),
+                _ = int.recv() => return Ok("SIGINT"),
+                _ = hup.recv() => {
+                    tracing::info!(signal = "SIGHUP", "reloading");
+                    server.reload();
+                }
+            }
         }
     }
     #[cfg(not(unix))]
     {
+        let _ = server;
         tokio::signal::ctrl_c().await?;
         Ok("ctrl-c")
     }

@@ -5,7 +5,7 @@
 //! log line is written when the response body is finished (or the client goes away).
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -41,6 +41,8 @@ pub type ResponseBody = LoggedBody;
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub activity: Arc<Activity>,
+    /// The identity of the verified client certificate (mTLS), if any.
+    pub client_cert: Option<Arc<str>>,
 }
 
 /// When a connection last moved bytes, and how many of its requests are unfinished.
@@ -84,6 +86,8 @@ pub struct Proxy {
     ids: RequestIds,
     upstream_host: HeaderValue,
     proto: &'static str,
+    /// The public listener terminates TLS.
+    tls: bool,
     pub bans: Bans,
     pub basic: BasicVerifier,
     realm: Arc<str>,
@@ -111,7 +115,12 @@ impl Proxy {
             client,
             access,
             ids: RequestIds::new(),
-            proto: "http",
+            proto: if config.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            },
+            tls: config.tls.is_some(),
             bans: Bans::new(config.ban),
             basic: BasicVerifier::new(
                 config.auth.htpasswd_cache_ttl,
@@ -152,6 +161,7 @@ impl Proxy {
         if let Some(id) = ex.request_id.take() {
             resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
         }
+        headers::secure_response(resp.headers_mut(), &self.config.headers, self.tls);
         ex.record.status = resp.status().as_u16();
         Ok(resp.map(|inner| LoggedBody {
             inner,
@@ -194,7 +204,7 @@ impl Proxy {
         let identity = if public {
             Identity::Anonymous
         } else {
-            self.authenticate(&parts.headers, conn.peer.ip()).await?
+            self.authenticate(&parts.headers, conn).await?
         };
         ex.record.identity = identity.name().map(str::to_owned);
         ex.record.key_fp = identity.fingerprint().map(str::to_owned);
@@ -290,15 +300,16 @@ impl Proxy {
     async fn authenticate(
         &self,
         headers: &http::HeaderMap,
-        client: IpAddr,
+        conn: &ConnInfo,
     ) -> Result<Identity, Reject> {
         let now = Instant::now();
+        let client = conn.peer.ip();
         if let Some(left) = self.bans.banned_for(client, now) {
             return Err(Reject::Banned {
                 retry_after: left.as_secs_f64().ceil() as u64,
             });
         }
-        let result = self.check_credentials(headers, client, now).await;
+        let result = self.check_credentials(headers, conn, now).await;
         if let Err(reject) = &result {
             if reject.counts_toward_ban() {
                 if let Recorded::BanStarted(d) = self.bans.record_failure(client, now) {
@@ -312,9 +323,10 @@ impl Proxy {
     async fn check_credentials(
         &self,
         headers: &http::HeaderMap,
-        client: IpAddr,
+        conn: &ConnInfo,
         now: Instant,
     ) -> Result<Identity, Reject> {
+        let client = conn.peer.ip();
         let snapshot = self.snapshot.load();
         let cfg = &self.config.auth;
         let auth = Authenticator {
@@ -324,7 +336,11 @@ impl Proxy {
             basic_realm: snapshot.htpasswd.as_ref().map(|_| &self.realm),
         };
         match auth.extract(headers)? {
-            None => auth.without_credentials(),
+            None => match &conn.client_cert {
+                // The handshake verified the certificate against client_ca.
+                Some(name) if cfg.client_cert_identity => Ok(Identity::User(name.clone())),
+                _ => auth.without_credentials(),
+            },
             Some(Credential::ApiKey(token)) => auth.check_key(token, SystemTime::now()),
             Some(Credential::Basic { user, password }) => {
                 let Some(file) = &snapshot.htpasswd else {

@@ -30,6 +30,11 @@ use crate::proxy::{text_response, Activity, ConnInfo, Proxy};
 pub struct Server {
     local_addr: SocketAddr,
     admin_addr: SocketAddr,
+    redirect_addr: Option<SocketAddr>,
+    /// The served certificate, when the public listener terminates TLS.
+    resolver: Option<Arc<crate::tls::CertResolver>>,
+    /// Kept alive for as long as the server runs.
+    _watcher: Option<notify::RecommendedWatcher>,
     proxy: Arc<Proxy>,
     shutdown: CancellationToken,
     force: CancellationToken,
@@ -57,16 +62,44 @@ impl Server {
                     config.server.admin_listen
                 )
             })?;
+        let redirect = match config.server.redirect_http {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot listen on redirect_http {addr}: {e}"))?,
+            ),
+            None => None,
+        };
         let local_addr = listener.local_addr()?;
         let admin_addr = admin.local_addr()?;
         let config = Arc::new(config);
         let proxy = Arc::new(Proxy::new(config.clone(), access));
+        let resolver = config
+            .tls
+            .as_ref()
+            .map(|t| Arc::new(crate::tls::CertResolver::new(t.cert.clone())));
+        let shutdown = CancellationToken::new();
 
+        let watcher = match (&config.tls, &resolver) {
+            (Some(tls), Some(resolver)) => {
+                let (files, resolver) = (tls.files.clone(), resolver.clone());
+                let watched = [files.cert.clone(), files.key.clone()];
+                let w = crate::reload::watch(&watched, shutdown.clone(), move || {
+                    reload_certificate(&resolver, &files);
+                })
+                .map_err(|e| anyhow::anyhow!("cannot watch the certificate files: {e}"))?;
+                Some(w)
+            }
+            _ => None,
+        };
         let server = Server {
             local_addr,
             admin_addr,
+            redirect_addr: redirect.as_ref().and_then(|l| l.local_addr().ok()),
+            _watcher: watcher,
+            resolver: resolver.clone(),
             proxy: proxy.clone(),
-            shutdown: CancellationToken::new(),
+            shutdown: shutdown.clone(),
             force: CancellationToken::new(),
             tracker: TaskTracker::new(),
         };
@@ -96,23 +129,62 @@ impl Server {
             limit: Arc::new(Semaphore::new(64)),
             ..ctx.clone()
         };
+        let acceptor = match (&config.tls, &resolver) {
+            (Some(tls), Some(resolver)) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+                crate::tls::server_config(&tls.files, resolver.clone())
+                    .map_err(|e| anyhow::anyhow!(e))?,
+            ))),
+            _ => None,
+        };
+        let handshake_timeout = config.server.header_read_timeout;
         let serve = {
             let ctx = ctx.clone();
             move |stream: TcpStream, peer: SocketAddr, activity: Arc<Activity>| {
                 let proxy = proxy.clone();
                 let builder = builder.clone();
-                let info = Arc::new(ConnInfo {
-                    peer,
-                    activity: activity.clone(),
-                });
-                let io = TokioIo::new(ActivityIo {
+                let io = ActivityIo {
                     inner: stream,
                     activity: activity.clone(),
-                });
-                let svc = service_fn(move |req| proxy.clone().handle(req, info.clone()));
+                };
                 let ctx = ctx.clone();
+                let acceptor = acceptor.clone();
                 async move {
-                    let conn = builder.serve_connection_with_upgrades(io, svc);
+                    let Some(acceptor) = acceptor else {
+                        let info = Arc::new(ConnInfo {
+                            peer,
+                            activity: activity.clone(),
+                            client_cert: None,
+                        });
+                        let svc = service_fn(move |req| proxy.clone().handle(req, info.clone()));
+                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+                        return ctx.drive(conn, &activity, peer).await;
+                    };
+                    let stream =
+                        match tokio::time::timeout(handshake_timeout, acceptor.accept(io)).await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(peer = %peer, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                    let client_cert = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| chain.first())
+                        .and_then(crate::tls::client_identity)
+                        .map(Arc::from);
+                    let info = Arc::new(ConnInfo {
+                        peer,
+                        activity: activity.clone(),
+                        client_cert,
+                    });
+                    let svc = service_fn(move |req| proxy.clone().handle(req, info.clone()));
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                     ctx.drive(conn, &activity, peer).await;
                 }
             }
@@ -122,26 +194,26 @@ impl Server {
             .spawn(ctx.clone().accept_loop(listener, "proxy", serve));
 
         let admin_proxy = server.proxy.clone();
-        let admin_loop = admin_ctx.clone();
-        let admin_serve = move |stream: TcpStream, peer: SocketAddr, activity: Arc<Activity>| {
-            let proxy = admin_proxy.clone();
-            let io = TokioIo::new(ActivityIo {
-                inner: stream,
-                activity: activity.clone(),
-            });
-            let svc = service_fn(move |req| admin_handle(proxy.clone(), req));
-            let ctx = admin_ctx.clone();
-            async move {
-                let mut b = hyper::server::conn::http1::Builder::new();
-                b.timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10));
-                let conn = b.serve_connection(io, svc);
-                ctx.drive(conn, &activity, peer).await;
-            }
-        };
+        let admin_serve = admin_ctx
+            .clone()
+            .http1(move |req| admin_handle(admin_proxy.clone(), req));
         server
             .tracker
-            .spawn(admin_loop.accept_loop(admin, "admin", admin_serve));
+            .spawn(admin_ctx.accept_loop(admin, "admin", admin_serve));
+
+        if let Some(redirect) = redirect {
+            let https_port = local_addr.port();
+            let redirect_ctx = Accept {
+                limit: Arc::new(Semaphore::new(config.server.max_connections)),
+                ..ctx.clone()
+            };
+            let serve = redirect_ctx
+                .clone()
+                .http1(move |req| async move { Ok(redirect_to_https(&req, https_port)) });
+            server
+                .tracker
+                .spawn(redirect_ctx.accept_loop(redirect, "redirect_http", serve));
+        }
 
         // Expired bans and stale failure counters are dropped in the background.
         let housekeeping = server.proxy.clone();
@@ -174,6 +246,24 @@ impl Server {
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// The redirect_http listener's address, if there is one.
+    pub fn redirect_addr(&self) -> Option<SocketAddr> {
+        self.redirect_addr
+    }
+
+    /// What serves certificates to new TLS handshakes, if TLS is on.
+    pub fn tls(&self) -> Option<&Arc<crate::tls::CertResolver>> {
+        self.resolver.as_ref()
+    }
+
+    /// Re-read what can change without a restart (the TLS certificate and key), as SIGHUP does.
+    /// A file that fails to load keeps the last good state.
+    pub fn reload(&self) {
+        if let (Some(resolver), Some(tls)) = (&self.resolver, &self.proxy.config.tls) {
+            reload_certificate(resolver, &tls.files);
+        }
     }
 
     /// The request pipeline and its shared state (bans, verification cache).
@@ -293,6 +383,108 @@ impl Accept {
                 }
             }
         }
+    }
+}
+
+/// Load the certificate pair again and serve it to new handshakes; a broken or mismatched
+/// pair keeps the last good one in force.
+fn reload_certificate(resolver: &crate::tls::CertResolver, files: &crate::tls::TlsConfig) {
+    match crate::tls::load_cert(&files.cert, &files.key) {
+        Ok(new) => {
+            let old = resolver.current();
+            if old.key.cert == new.key.cert {
+                return;
+            }
+            tracing::info!(
+                event = "reload", file = "tls", result = "ok",
+                subject = %new.subject,
+                not_after = %humantime::format_rfc3339_seconds(new.not_after),
+                "certificate reloaded"
+            );
+            if let Some(w) =
+                crate::tls::expiry_warning(&new, &files.cert, std::time::SystemTime::now())
+            {
+                tracing::warn!("{w}");
+            }
+            resolver.swap(new);
+            resolver
+                .reloads_ok
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Err(e) => {
+            resolver
+                .reloads_failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!(event = "reload", file = "tls", result = "error", error = %e, "certificate not reloaded; the previous one stays in use");
+        }
+    }
+}
+
+impl Accept {
+    /// Serve plain HTTP/1.1 with `handler` (the admin and redirect listeners).
+    fn http1<H, Fut>(
+        self,
+        handler: H,
+    ) -> impl Fn(TcpStream, SocketAddr, Arc<Activity>) -> BoxFuture + Clone
+    where
+        H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<Response<Full<Bytes>>, std::convert::Infallible>>
+            + Send
+            + 'static,
+    {
+        move |stream: TcpStream, peer: SocketAddr, activity: Arc<Activity>| {
+            let io = TokioIo::new(ActivityIo {
+                inner: stream,
+                activity: activity.clone(),
+            });
+            let svc = service_fn(handler.clone());
+            let ctx = self.clone();
+            Box::pin(async move {
+                let mut b = hyper::server::conn::http1::Builder::new();
+                b.timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10));
+                let conn = b.serve_connection(io, svc);
+                ctx.drive(conn, &activity, peer).await;
+            })
+        }
+    }
+}
+
+type BoxFuture = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// 308 to the same host and path on https (the public listener's port).
+fn redirect_to_https(req: &Request<Incoming>, https_port: u16) -> Response<Full<Bytes>> {
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.parse::<http::uri::Authority>().ok())
+        .map(|a| a.host().to_string());
+    let Some(host) = host else {
+        return text_response(
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            "a Host header is required\n".into(),
+        );
+    };
+    let port = if https_port == 443 {
+        String::new()
+    } else {
+        format!(":{https_port}")
+    };
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = format!("https://{host}{port}{target}");
+    let mut resp = text_response(StatusCode::PERMANENT_REDIRECT, "text/plain", String::new());
+    match http::HeaderValue::from_str(&location) {
+        Ok(v) => {
+            resp.headers_mut().insert(http::header::LOCATION, v);
+            resp
+        }
+        Err(_) => text_response(
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            "bad request\n".into(),
+        ),
     }
 }
 

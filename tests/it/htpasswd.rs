@@ -109,24 +109,6 @@ async fn the_real_htpasswd_tool_writes_files_portcullis_accepts() {
     }
 }
 
-/// Find a real peer on PATH. Missing: loud, and a failure under CI.
-fn find_tool(name: &str, package: &str) -> Option<std::path::PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join(name))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        let message =
-            format!("`{name}` is not on PATH (Debian package {package}); this test cannot run");
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{message}");
-        }
-        eprintln!("SKIPPED: {message}");
-    }
-    found
-}
-
 #[tokio::test]
 async fn basic_refusals_follow_the_design_table() {
     let backend = Backend::ok().await;

@@ -6,5 +6,7 @@ mod connections;
 mod forwarding;
 mod htpasswd;
 mod paths;
+mod pki;
 mod shutdown;
 mod support;
+mod tls;

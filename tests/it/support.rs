@@ -388,3 +388,21 @@ pub fn basic_auth(user: &str, password: &str) -> String {
         base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
     )
 }
+
+/// Find a real peer on PATH. Missing: loud, and a failure under CI.
+pub fn find_tool(name: &str, package: &str) -> Option<std::path::PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        let message =
+            format!("`{name}` is not on PATH (Debian package {package}); this test cannot run");
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{message}");
+        }
+        eprintln!("SKIPPED: {message}");
+    }
+    found
+}
