@@ -141,11 +141,7 @@ async fn bodies_are_forwarded_whole_and_oversized_ones_refused_with_413() {
 
 #[tokio::test]
 async fn a_dead_backend_gives_502_and_a_slow_one_504() {
-    // Nothing listens on a port that was just released.
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let dead = dead_addr();
     let proxy = Proxy::start(&format!("http://{dead}"), "").await;
     let r = get(&proxy.url("/"), &key()).await;
     assert_eq!(r.status, 502);
@@ -261,10 +257,7 @@ async fn readiness_reports_credentials_and_backend_reachability() {
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["credentials"]["keys"]["enabled"], 4);
     assert_eq!(r.json()["upstream"]["reachable"], true);
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let dead = dead_addr();
     let proxy = Proxy::start(&format!("http://{dead}"), "").await;
     let r = get(&format!("http://{}/readyz", proxy.admin), &[]).await;
     assert_eq!(r.status, 503);

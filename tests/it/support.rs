@@ -406,3 +406,9 @@ pub fn find_tool(name: &str, package: &str) -> Option<std::path::PathBuf> {
     }
     found
 }
+
+/// An address nothing listens on: a port that was bound and released again.
+pub fn dead_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}

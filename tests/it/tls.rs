@@ -234,8 +234,8 @@ async fn a_broken_certificate_keeps_the_last_good_one() {
     assert!(wait_for_cert(&proxy, &opts, &fixed).await);
 }
 
-#[tokio::test]
-async fn mtls_required_refuses_clients_without_a_certificate_and_names_those_with_one() {
+/// A TLS proxy whose clients may authenticate by certificate (`client_auth = mode`).
+async fn mtls_proxy(mode: &str) -> (Pki, tempfile::TempDir, Backend, Proxy) {
     let pki = Pki::new();
     let certs = tempfile::tempdir().unwrap();
     write_pair(certs.path(), &pki.server());
@@ -245,12 +245,18 @@ async fn mtls_required_refuses_clients_without_a_certificate_and_names_those_wit
         &backend,
         certs.path(),
         &format!(
-            "client_ca = \"{}/ca.crt\"\nclient_auth = \"required\"",
+            "client_ca = \"{}/ca.crt\"\nclient_auth = \"{mode}\"",
             certs.path().display()
         ),
         "[auth]\nkeys_file = \"keys.toml\"\nclient_cert_identity = true",
     )
     .await;
+    (pki, certs, backend, proxy)
+}
+
+#[tokio::test]
+async fn mtls_required_refuses_clients_without_a_certificate_and_names_those_with_one() {
+    let (pki, _certs, backend, proxy) = mtls_proxy("required").await;
     let ca = pki.ca_pem();
     let anonymous = tls_get(proxy.addr, &ClientOpts::new(&ca), "/", &[]).await;
     assert!(
@@ -292,21 +298,7 @@ async fn mtls_required_refuses_clients_without_a_certificate_and_names_those_wit
 
 #[tokio::test]
 async fn mtls_optional_lets_clients_without_a_certificate_authenticate_otherwise() {
-    let pki = Pki::new();
-    let certs = tempfile::tempdir().unwrap();
-    write_pair(certs.path(), &pki.server());
-    std::fs::write(certs.path().join("ca.crt"), pki.ca_pem()).unwrap();
-    let backend = Backend::ok().await;
-    let proxy = tls_proxy(
-        &backend,
-        certs.path(),
-        &format!(
-            "client_ca = \"{}/ca.crt\"\nclient_auth = \"optional\"",
-            certs.path().display()
-        ),
-        "[auth]\nkeys_file = \"keys.toml\"\nclient_cert_identity = true",
-    )
-    .await;
+    let (pki, _certs, backend, proxy) = mtls_proxy("optional").await;
     let ca = pki.ca_pem();
     let r = tls_get(proxy.addr, &ClientOpts::new(&ca), "/", &[])
         .await
@@ -382,10 +374,7 @@ async fn security_headers_are_on_every_response_and_hsts_only_over_tls() {
             .unwrap()
     })
     .await;
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let dead = dead_addr();
     let headers_section = "[headers]\ncontent_security_policy = \"default-src 'none'\"\n[headers.set]\n\"X-Robots-Tag\" = \"noindex\"\n[ban]\nfailures = 2";
     let tls = tls_proxy(&backend, certs.path(), "", headers_section).await;
     let ca = pki.ca_pem();
