@@ -91,6 +91,7 @@ struct RawUpstream {
     pass_credentials: Option<bool>,
     protocol: Option<UpstreamProtocol>,
     host_header: Option<HostHeader>,
+    ca: S<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -225,6 +226,10 @@ pub struct UpstreamConfig {
     pub pass_credentials: bool,
     pub protocol: UpstreamProtocol,
     pub host_header: HostHeader,
+    /// `upstream.ca`, when set.
+    pub ca: Option<PathBuf>,
+    /// Trust anchors for an `https://` upstream (`ca`, or the system store); `None` for http.
+    pub tls_roots: Option<Arc<rustls::RootCertStore>>,
 }
 
 #[derive(Debug, Clone)]
@@ -533,17 +538,40 @@ impl Validator<'_> {
                 return None;
             }
         };
-        let scheme = parsed.scheme().cloned();
-        if scheme != Some(Scheme::HTTP) {
-            self.err(
-                url,
-                format!(
-                    "url = \"{}\": the upstream must be http://HOST:PORT (https upstreams are not supported)",
-                    url.get_ref()
-                ),
-            );
-            return None;
-        }
+        let scheme = match parsed.scheme() {
+            Some(s) if *s == Scheme::HTTP || *s == Scheme::HTTPS => s.clone(),
+            _ => {
+                self.err(
+                    url,
+                    format!(
+                        "url = \"{}\": the upstream must be http://HOST:PORT or https://HOST:PORT",
+                        url.get_ref()
+                    ),
+                );
+                return None;
+            }
+        };
+        let ca = r.ca.as_ref().map(|c| (self.path(c.get_ref()), c));
+        let tls_roots = if scheme == Scheme::HTTPS {
+            match crate::tls::upstream_roots(ca.as_ref().map(|(p, _)| p.as_path())) {
+                Ok(roots) => Some(Arc::new(roots)),
+                Err(e) => {
+                    match &ca {
+                        Some((_, raw)) => self.err(raw, e),
+                        None => self.err(url, e),
+                    }
+                    return None;
+                }
+            }
+        } else {
+            if let Some((_, raw)) = &ca {
+                self.err(
+                    raw,
+                    "ca is only used for an https:// upstream; remove it or change url to https://",
+                );
+            }
+            None
+        };
         let Some(authority) = parsed.authority().cloned() else {
             self.err(url, "url needs a host, e.g. \"http://127.0.0.1:4298\"");
             return None;
@@ -558,7 +586,9 @@ impl Validator<'_> {
         }
         let base_path = parsed.path().trim_end_matches('/').to_string();
         Some(UpstreamConfig {
-            scheme: Scheme::HTTP,
+            scheme,
+            ca: ca.map(|(p, _)| p),
+            tls_roots,
             authority,
             base_path,
             url: parsed,

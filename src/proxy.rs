@@ -19,6 +19,7 @@ use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -81,7 +82,7 @@ impl Default for Activity {
 pub struct Proxy {
     pub config: Arc<Config>,
     pub snapshot: ArcSwap<Snapshot>,
-    client: Client<HttpConnector, UpstreamBody>,
+    client: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
     access: AccessLogger,
     ids: RequestIds,
     upstream_host: HeaderValue,
@@ -99,7 +100,8 @@ impl Proxy {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(up.connect_timeout));
-        connector.enforce_http(true);
+        connector.enforce_http(false);
+        let connector = upstream_connector(connector, up);
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
@@ -371,6 +373,38 @@ impl Proxy {
             .path_and_query(pq)
             .build()
             .map_err(|_| Reject::BadRequest)
+    }
+}
+
+/// The connector for the backend: plain TCP for `http://`, rustls for `https://` with ALPN
+/// for the configured protocol only, so an `http2` upstream is spoken to in h2 and an `http1`
+/// one in HTTP/1.1.
+fn upstream_connector(
+    tcp: HttpConnector,
+    up: &crate::config::UpstreamConfig,
+) -> HttpsConnector<HttpConnector> {
+    let builder = match &up.tls_roots {
+        Some(roots) => {
+            let tls = crate::tls::upstream_client_config(roots.clone())
+                .expect("TLS 1.2 and 1.3 are supported by the built-in provider");
+            hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls)
+                .https_only()
+        }
+        // Never used for TLS: the URL is http://, so every connection is plain.
+        None => hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(
+                rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+                    .with_safe_default_protocol_versions()
+                    .expect("default versions")
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth(),
+            )
+            .https_or_http(),
+    };
+    match up.protocol {
+        UpstreamProtocol::Http1 => builder.enable_http1().wrap_connector(tcp),
+        UpstreamProtocol::Http2 => builder.enable_http2().wrap_connector(tcp),
     }
 }
 

@@ -194,9 +194,10 @@ impl Server {
             .spawn(ctx.clone().accept_loop(listener, "proxy", serve));
 
         let admin_proxy = server.proxy.clone();
+        let admin_tls = server.resolver.clone();
         let admin_serve = admin_ctx
             .clone()
-            .http1(move |req| admin_handle(admin_proxy.clone(), req));
+            .http1(move |req| admin_handle(admin_proxy.clone(), admin_tls.clone(), req));
         server
             .tracker
             .spawn(admin_ctx.accept_loop(admin, "admin", admin_serve));
@@ -562,6 +563,7 @@ impl AsyncWrite for ActivityIo {
 /// TCP connections; 503 with the same JSON detail otherwise.
 async fn admin_handle(
     proxy: Arc<Proxy>,
+    tls: Option<Arc<crate::tls::CertResolver>>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -573,19 +575,24 @@ async fn admin_handle(
     }
     Ok(match req.uri().path() {
         "/healthz" => text_response(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/readyz" => readiness(&proxy).await,
+        "/readyz" => readiness(&proxy, tls.as_deref()).await,
         _ => text_response(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     })
 }
 
-async fn readiness(proxy: &Proxy) -> Response<Full<Bytes>> {
+async fn readiness(proxy: &Proxy, tls: Option<&crate::tls::CertResolver>) -> Response<Full<Bytes>> {
     let cfg = &proxy.config;
     let snapshot = proxy.snapshot.load();
     let keys_loaded = snapshot.keys.enabled_count();
     let users_loaded = snapshot.htpasswd.as_ref().map_or(0, |h| h.len());
     let credentials_ok = cfg.auth.anonymous || keys_loaded > 0 || users_loaded > 0;
     let authority = &cfg.upstream.authority;
-    let port = authority.port_u16().unwrap_or(80);
+    let default_port = if cfg.upstream.scheme == http::uri::Scheme::HTTPS {
+        443
+    } else {
+        80
+    };
+    let port = authority.port_u16().unwrap_or(default_port);
     let upstream_ok = matches!(
         tokio::time::timeout(
             Duration::from_secs(1).min(cfg.upstream.connect_timeout),
@@ -613,6 +620,21 @@ async fn readiness(proxy: &Proxy) -> Response<Full<Bytes>> {
             },
         },
         "upstream": { "url": cfg.upstream.url.to_string(), "reachable": upstream_ok },
+        "tls": tls.map(|t| {
+            let cert = t.current();
+            let not_after = humantime::format_rfc3339_seconds(cert.not_after).to_string();
+            let left = cert
+                .not_after
+                .duration_since(std::time::SystemTime::now())
+                .map_or(0, |d| d.as_secs());
+            serde_json::json!({
+                "subject": cert.subject,
+                "not_after": not_after,
+                "expires_in_seconds": left,
+                "reloads_ok": t.reloads_ok.load(std::sync::atomic::Ordering::Relaxed),
+                "reloads_failed": t.reloads_failed.load(std::sync::atomic::Ordering::Relaxed),
+            })
+        }),
     });
     let status = if ready {
         StatusCode::OK

@@ -198,9 +198,14 @@ impl ResolvesServerCert for CertResolver {
 
 /// Read the CA bundle that client certificates must chain to.
 pub fn load_client_roots(path: &Path) -> Result<RootCertStore, String> {
+    load_roots(path, "client CA")
+}
+
+/// Read a PEM CA bundle: every certificate in it becomes a trust anchor.
+pub fn load_roots(path: &Path, what: &str) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
     let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("{}: cannot read the client CA: {e}", path.display()))?;
+        .map_err(|e| format!("{}: cannot read the {what}: {e}", path.display()))?;
     for c in certs {
         let c = c.map_err(|e| format!("{}: malformed PEM certificate: {e}", path.display()))?;
         roots
@@ -238,4 +243,36 @@ pub fn server_config(cfg: &TlsConfig, resolver: Arc<CertResolver>) -> Result<Ser
     let mut config = builder.with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
+}
+
+/// The trust anchors for an `https://` upstream: `upstream.ca` when set, otherwise the
+/// system's CA store (`/etc/ssl/certs`, or `SSL_CERT_FILE` / `SSL_CERT_DIR`).
+pub fn upstream_roots(ca: Option<&Path>) -> Result<RootCertStore, String> {
+    if let Some(path) = ca {
+        return load_roots(path, "upstream CA");
+    }
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        let why = found
+            .errors
+            .first()
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default();
+        return Err(format!(
+            "no system CA certificates found{why}; install the ca-certificates package or set upstream.ca = \"backend-ca.crt\""
+        ));
+    }
+    Ok(roots)
+}
+
+/// The rustls client configuration for an `https://` upstream: TLS 1.2 and 1.3, the backend's
+/// certificate verified against `roots` for the URL's host name (or IP address).
+pub fn upstream_client_config(roots: Arc<RootCertStore>) -> Result<rustls::ClientConfig, String> {
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }

@@ -81,6 +81,11 @@ impl Pki {
         self.issue("localhost", &["localhost", "127.0.0.1"], false, None)
     }
 
+    /// A server certificate for `name` only.
+    pub fn server_for(&self, name: &str) -> Leaf {
+        self.issue(name, &[name], false, None)
+    }
+
     pub fn server_until(&self, y: i32, m: u8, d: u8) -> Leaf {
         self.issue(
             "localhost",

@@ -112,16 +112,43 @@ impl Backend {
         Fut: Future<Output = Response<Body>> + Send + 'static,
     {
         let handler: Handler = Arc::new(move |r| Box::pin(handler(r)));
-        Backend::start(handler, true).await
+        Backend::start(handler, true, None).await
+    }
+
+    /// An HTTPS backend (h2 and http/1.1 by ALPN) that answers 200 with the HTTP version it
+    /// was spoken to in, serving `cert` and `key` (PEM).
+    pub async fn tls(cert: &str, key: &str) -> Backend {
+        use rustls::pki_types::pem::PemObject;
+        let certs = rustls::pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let handler: Handler = Arc::new(|r: Request<Incoming>| {
+            Box::pin(async move { Response::new(full(format!("{:?}", r.version()))) })
+        });
+        Backend::start(handler, true, Some(Arc::new(config))).await
     }
 
     /// Records each request with its full body, then answers 200 "ok".
     pub async fn recording_bodies() -> Backend {
         let handler: Handler = Arc::new(|_r| Box::pin(async { Response::new(full("ok")) }));
-        Backend::start(handler, false).await
+        Backend::start(handler, false, None).await
     }
 
-    async fn start(handler: Handler, headers_only: bool) -> Backend {
+    async fn start(
+        handler: Handler,
+        headers_only: bool,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen: Arc<Mutex<VecDeque<Seen>>> = Default::default();
@@ -133,6 +160,7 @@ impl Backend {
                 };
                 let handler = handler.clone();
                 let seen = seen2.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let handler = handler.clone();
@@ -161,9 +189,19 @@ impl Backend {
                             Ok::<_, Infallible>(resp)
                         }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    match tls {
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                        Some(config) => {
+                            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                            }
+                        }
+                    }
                 });
             }
         });

@@ -227,6 +227,16 @@ async fn a_broken_certificate_keeps_the_last_good_one() {
         first.der(),
         "a broken pair replaced the good one"
     );
+    let ready = get(&format!("http://{}/readyz", proxy.admin), &[])
+        .await
+        .json();
+    assert_eq!(ready["tls"]["subject"], "CN=localhost");
+    assert!(ready["tls"]["reloads_failed"].as_u64().unwrap() >= 1);
+    let left = ready["tls"]["expires_in_seconds"].as_u64().unwrap();
+    assert!(
+        left > 300 * 86_400,
+        "rcgen's default validity is years: {left}"
+    );
 
     // Fixing the files recovers without a restart.
     let fixed = pki.server();
@@ -468,4 +478,95 @@ fn time_in_days(days: u64) -> (i32, u8, u8) {
         s[5..7].parse().unwrap(),
         s[8..10].parse().unwrap(),
     )
+}
+
+#[tokio::test]
+async fn an_https_upstream_is_verified_against_upstream_ca() {
+    let pki = Pki::new();
+    let leaf = pki.server();
+    let backend = Backend::tls(&leaf.cert, &leaf.key).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("backend-ca.crt");
+    std::fs::write(&ca, pki.ca_pem()).unwrap();
+
+    for (host, protocol, version) in [
+        ("localhost", "http1", "HTTP/1.1"),
+        ("127.0.0.1", "http2", "HTTP/2.0"),
+    ] {
+        let url = format!("https://{host}:{}", backend.addr.port());
+        let proxy = Proxy::start(
+            &url,
+            &format!("ca = \"{}\"\nprotocol = \"{protocol}\"", ca.display()),
+        )
+        .await;
+        let r = get(&proxy.url("/api"), &[("x-api-key", PROD_KEY)]).await;
+        assert_eq!(r.status, 200, "{host} {protocol}: {:?}", r.body);
+        assert_eq!(r.body, version.as_bytes());
+        let seen = backend.take();
+        assert_eq!(
+            seen[0].headers["host"],
+            format!("{host}:{}", backend.addr.port())
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_https_upstream_with_an_untrusted_or_misnamed_certificate_gets_502() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("backend-ca.crt");
+    std::fs::write(&ca, pki.ca_pem()).unwrap();
+
+    // Signed by the test CA, which the system store does not hold.
+    let leaf = pki.server();
+    let trusted_nowhere = Backend::tls(&leaf.cert, &leaf.key).await;
+    let proxy = Proxy::start(
+        &format!("https://localhost:{}", trusted_nowhere.addr.port()),
+        "",
+    )
+    .await;
+    let r = get(&proxy.url("/api"), &[("x-api-key", PROD_KEY)]).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.error_code(), "upstream_unavailable");
+
+    // Trusted CA, but the certificate names another host.
+    let other = pki.server_for("backend.internal");
+    let misnamed = Backend::tls(&other.cert, &other.key).await;
+    let proxy = Proxy::start(
+        &format!("https://localhost:{}", misnamed.addr.port()),
+        &format!("ca = \"{}\"", ca.display()),
+    )
+    .await;
+    let r = get(&proxy.url("/api"), &[("x-api-key", PROD_KEY)]).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(trusted_nowhere.count() + misnamed.count(), 0);
+}
+
+#[test]
+fn check_names_a_bad_upstream_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keys.toml"), keys_file()).unwrap();
+    std::fs::write(dir.path().join("not-a-ca.pem"), "hello\n").unwrap();
+    let load = |upstream: &str| {
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(
+            &path,
+            format!("[upstream]\n{upstream}\n[auth]\nkeys_file = \"keys.toml\"\n"),
+        )
+        .unwrap();
+        portcullis::Config::load(&path).unwrap_err().to_string()
+    };
+    let e = load("url = \"https://backend:8443\"\nca = \"missing-ca.crt\"");
+    assert!(e.contains("proxy.toml:3:6"), "{e}");
+    assert!(
+        e.contains("missing-ca.crt: cannot read the upstream CA"),
+        "{e}"
+    );
+    let e = load("url = \"https://backend:8443\"\nca = \"not-a-ca.pem\"");
+    assert!(
+        e.contains("not-a-ca.pem: no CERTIFICATE block found"),
+        "{e}"
+    );
+    let e = load("url = \"http://backend:8080\"\nca = \"not-a-ca.pem\"");
+    assert!(e.contains("only used for an https:// upstream"), "{e}");
 }
