@@ -80,6 +80,8 @@ struct RawServer {
     max_body_bytes: S<String>,
     shutdown_grace: S<String>,
     redirect_http: S<String>,
+    stream_idle_timeout: S<String>,
+    max_stream_lifetime: S<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -203,6 +205,10 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     pub max_body_bytes: u64,
     pub shutdown_grace: Duration,
+    /// A WebSocket tunnel or streaming response with no bytes either way for this long is closed.
+    pub stream_idle_timeout: Duration,
+    /// A WebSocket tunnel or streaming response is closed after this long, if set.
+    pub max_stream_lifetime: Option<Duration>,
     /// A plain listener that answers 308 to https://.
     pub redirect_http: Option<SocketAddr>,
 }
@@ -457,6 +463,14 @@ impl Validator<'_> {
                 "shutdown_grace",
                 Duration::from_secs(30),
             ),
+            stream_idle_timeout: self.duration(
+                &r.stream_idle_timeout,
+                "stream_idle_timeout",
+                Duration::from_secs(600),
+            ),
+            max_stream_lifetime: r.max_stream_lifetime.as_ref().map(|_| {
+                self.duration(&r.max_stream_lifetime, "max_stream_lifetime", Duration::MAX)
+            }),
             redirect_http: r
                 .redirect_http
                 .as_ref()

@@ -6,11 +6,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http::{header, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::auth::api_key;
@@ -18,9 +20,39 @@ use crate::config::Config;
 use crate::proxy::text_response;
 use crate::server::Server;
 
+type EchoBody = BoxBody<Bytes, Infallible>;
+
 /// Answer every request with a JSON description of what arrived: method, path, query, the
 /// headers and the body length. What the backend is shown is exactly what it prints.
-pub async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+/// `/events` answers with a short Server-Sent Events stream, and a WebSocket upgrade with a
+/// greeting frame.
+pub async fn echo(mut req: Request<Incoming>) -> Result<Response<EchoBody>, Infallible> {
+    if let Some(accept) = websocket_accept(&req) {
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                let mut io = TokioIo::new(upgraded);
+                let text = b"hello from the echo backend, over a WebSocket through portcullis";
+                // One unmasked text frame (RFC 6455 §5.2), then wait for the client to leave.
+                let mut frame = vec![0x81, text.len() as u8];
+                frame.extend_from_slice(text);
+                let _ = io.write_all(&frame).await;
+                let mut sink = [0u8; 1024];
+                while matches!(io.read(&mut sink).await, Ok(n) if n > 0) {}
+            }
+        });
+        let resp = Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(header::CONNECTION, "upgrade")
+            .header(header::UPGRADE, "websocket")
+            .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+            .body(Empty::new().boxed())
+            .expect("a valid response");
+        return Ok(resp);
+    }
+    if req.uri().path() == "/events" {
+        return Ok(events());
+    }
     let (parts, body) = req.into_parts();
     let body_len = match body.collect().await {
         Ok(b) => b.to_bytes().len(),
@@ -44,11 +76,63 @@ pub async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infal
         "headers": headers,
         "body_bytes": body_len,
     });
-    Ok(text_response(
-        StatusCode::OK,
-        "application/json",
-        format!("{body:#}\n"),
-    ))
+    Ok(
+        text_response(StatusCode::OK, "application/json", format!("{body:#}\n"))
+            .map(BodyExt::boxed),
+    )
+}
+
+/// `Sec-WebSocket-Accept` for a WebSocket handshake (RFC 6455 §4.2.2), if this is one.
+fn websocket_accept(req: &Request<Incoming>) -> Option<String> {
+    use base64::Engine;
+    use sha1::Digest;
+    let upgrade = req.headers().get(header::UPGRADE)?.to_str().ok()?;
+    if !upgrade.eq_ignore_ascii_case("websocket") {
+        return None;
+    }
+    let key = req.headers().get(header::SEC_WEBSOCKET_KEY)?.as_bytes();
+    let mut sha = sha1::Sha1::new();
+    sha.update(key);
+    sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    Some(base64::engine::general_purpose::STANDARD.encode(sha.finalize()))
+}
+
+/// Five events, one a second: each reaches the client as soon as it is written.
+fn events() -> Response<EchoBody> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    tokio::spawn(async move {
+        for n in 1..=5 {
+            let event = format!("id: {n}\ndata: {{\"tick\": {n}}}\n\n");
+            if tx.send(Bytes::from(event)).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    });
+    let frames = channel_body(rx);
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(frames)
+        .expect("a valid response")
+}
+
+/// A body that yields what arrives on `rx` until it closes.
+fn channel_body(rx: tokio::sync::mpsc::Receiver<Bytes>) -> EchoBody {
+    struct Channel(tokio::sync::mpsc::Receiver<Bytes>);
+    impl http_body::Body for Channel {
+        type Data = Bytes;
+        type Error = Infallible;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+            self.0
+                .poll_recv(cx)
+                .map(|b| b.map(|b| Ok(http_body::Frame::data(b))))
+        }
+    }
+    Channel(rx).boxed()
 }
 
 /// Serve [`echo`] on `listener` until the task is dropped.
@@ -59,7 +143,7 @@ pub async fn serve_echo(listener: TcpListener) {
         };
         tokio::spawn(async move {
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service_fn(echo))
+                .serve_connection_with_upgrades(TokioIo::new(stream), service_fn(echo))
                 .await;
         });
     }
@@ -159,6 +243,15 @@ A public path (public_paths = ["/public/*"]): 200 without a key
 
 A path trick: normalised to /api/v1/invoke before the check, so it is not public: 401
   curl -i --path-as-is 'http://{proxy}/public/../api/v1/invoke'
+
+A Server-Sent Events stream: five events, each printed the moment the backend sends it
+  curl -N -H 'X-API-Key: {key}' http://{proxy}/events
+
+A WebSocket handshake: 101 Switching Protocols, and the tunnel stays open until Ctrl-C.
+The same handshake without the key gets 401 and never reaches the backend.
+  curl -i -N --http1.1 -H 'X-API-Key: {key}' -H 'Connection: Upgrade' -H 'Upgrade: websocket' \
+       -H 'Sec-WebSocket-Version: 13' -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==' \
+       http://{proxy}/mcp
 
 Health and readiness (admin listener, loopback only):
   curl -i http://{admin}/readyz

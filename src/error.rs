@@ -48,6 +48,9 @@ pub enum Reject {
     UpstreamUnavailable,
     #[error("upstream timeout")]
     UpstreamTimeout,
+    /// A WebSocket upgrade toward an `http2` upstream, which cannot carry it.
+    #[error("upgrade not supported")]
+    UpgradeUnsupported,
 }
 
 impl Reject {
@@ -65,6 +68,7 @@ impl Reject {
             Reject::BadRequest => StatusCode::BAD_REQUEST,
             Reject::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Reject::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Reject::UpgradeUnsupported => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -82,6 +86,7 @@ impl Reject {
             Reject::BadRequest => "bad_request",
             Reject::UpstreamUnavailable => "upstream_unavailable",
             Reject::UpstreamTimeout => "upstream_timeout",
+            Reject::UpgradeUnsupported => "upgrade_unsupported",
         }
     }
 
@@ -102,6 +107,9 @@ impl Reject {
             Reject::BadRequest => "The request is malformed.",
             Reject::UpstreamUnavailable => "The service is unavailable.",
             Reject::UpstreamTimeout => "The service did not answer in time.",
+            Reject::UpgradeUnsupported => {
+                "WebSocket is not available: the upstream is spoken to in HTTP/2."
+            }
         }
     }
 
@@ -121,6 +129,62 @@ impl Reject {
             Reject::BadRequest => "bad_request",
             Reject::UpstreamUnavailable => "upstream_error",
             Reject::UpstreamTimeout => "upstream_timeout",
+            Reject::UpgradeUnsupported => "upgrade_unsupported",
+        }
+    }
+
+    /// The gRPC status code of this refusal (grpc/doc/statuscodes.md).
+    pub fn grpc_status(&self) -> u8 {
+        match self {
+            Reject::MissingCredentials
+            | Reject::MalformedCredentials
+            | Reject::InvalidScheme
+            | Reject::InvalidToken(_)
+            | Reject::BasicRequired(_)
+            | Reject::BadPassword(_) => 16, // UNAUTHENTICATED
+            Reject::Forbidden => 7, // PERMISSION_DENIED
+            Reject::Banned { .. } | Reject::RateLimited { .. } | Reject::PayloadTooLarge => 8, // RESOURCE_EXHAUSTED
+            Reject::BadRequest => 3,           // INVALID_ARGUMENT
+            Reject::UpstreamUnavailable => 14, // UNAVAILABLE
+            Reject::UpstreamTimeout => 4,      // DEADLINE_EXCEEDED
+            Reject::UpgradeUnsupported => 12,  // UNIMPLEMENTED
+        }
+    }
+
+    /// The refusal as a gRPC client understands it: a "trailers-only" response, HTTP 200 with
+    /// `grpc-status` and `grpc-message` in the headers and no body, plus the same challenge
+    /// and `Retry-After` headers as the plain response.
+    pub fn grpc_response<B: From<Bytes>>(&self) -> Response<B> {
+        let plain: Response<B> = self.response();
+        let (mut parts, _) = plain.into_parts();
+        parts.status = StatusCode::OK;
+        let h = &mut parts.headers;
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert(
+            "grpc-status",
+            HeaderValue::from(u16::from(self.grpc_status())),
+        );
+        h.insert(
+            "grpc-message",
+            HeaderValue::from_static(self.grpc_message()),
+        );
+        h.remove(header::CONNECTION);
+        Response::from_parts(parts, B::from(Bytes::new()))
+    }
+
+    /// `grpc-message`: the message, percent-encoded as gRPC requires (only spaces need it).
+    fn grpc_message(&self) -> &'static str {
+        match self.grpc_status() {
+            16 => "authentication%20required",
+            7 => "permission%20denied",
+            8 => "resource%20exhausted",
+            3 => "invalid%20request",
+            14 => "service%20unavailable",
+            4 => "deadline%20exceeded",
+            _ => "unimplemented",
         }
     }
 

@@ -17,7 +17,9 @@ pub mod proxy;
 pub mod reload;
 pub mod server;
 pub mod state;
+pub mod streams;
 pub mod tls;
+pub mod tunnel;
 
 pub use config::Config;
 pub use server::Server;

@@ -5,6 +5,7 @@
 //! log line is written when the response body is finished (or the client goes away).
 
 use std::convert::Infallible;
+use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -15,7 +16,7 @@ use std::time::{Instant, SystemTime};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::uri::PathAndQuery;
-use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -23,6 +24,8 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::access_log::{AccessLogger, Record};
 use crate::auth::basic::{BasicVerifier, Verdict};
@@ -32,6 +35,8 @@ use crate::config::{Config, HostHeader, UpstreamProtocol};
 use crate::error::Reject;
 use crate::headers::{self, RequestIds, X_REQUEST_ID};
 use crate::state::Snapshot;
+use crate::streams::{CredId, StreamKind, Streams};
+use crate::tunnel::{self, Limits, Watch};
 
 type UpstreamBody = Limited<Incoming>;
 
@@ -44,6 +49,9 @@ pub struct ConnInfo {
     pub activity: Arc<Activity>,
     /// The identity of the verified client certificate (mTLS), if any.
     pub client_cert: Option<Arc<str>>,
+    /// The connection's place under `max_connections`, held by whatever holds this (a
+    /// WebSocket tunnel outlives the HTTP connection it came from).
+    pub slot: OwnedSemaphorePermit,
 }
 
 /// When a connection last moved bytes, and how many of its requests are unfinished.
@@ -51,6 +59,8 @@ pub struct Activity {
     base: Instant,
     last_ms: AtomicU64,
     pub in_flight: AtomicUsize,
+    read: AtomicU64,
+    written: AtomicU64,
 }
 
 impl Activity {
@@ -59,7 +69,19 @@ impl Activity {
             base: Instant::now(),
             last_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            read: AtomicU64::new(0),
+            written: AtomicU64::new(0),
         }
+    }
+
+    /// Bytes read from the socket so far.
+    pub fn read_bytes(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
+    }
+
+    /// Bytes written to the socket so far.
+    pub fn written_bytes(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
     }
 
     pub fn touch(&self) {
@@ -79,6 +101,79 @@ impl Default for Activity {
     }
 }
 
+/// A socket that records when it last moved bytes (for idle timeouts) and how many.
+pub struct ActivityIo<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T> ActivityIo<T> {
+    pub fn new(inner: T, activity: Arc<Activity>) -> ActivityIo<T> {
+        ActivityIo { inner, activity }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 && matches!(r, Poll::Ready(Ok(()))) {
+            self.activity.touch();
+            self.activity.read.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            if n > 0 {
+                self.activity.touch();
+                self.activity.written.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            if n > 0 {
+                self.activity.touch();
+                self.activity.written.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 pub struct Proxy {
     pub config: Arc<Config>,
     pub snapshot: ArcSwap<Snapshot>,
@@ -92,10 +187,13 @@ pub struct Proxy {
     pub bans: Bans,
     pub basic: BasicVerifier,
     realm: Arc<str>,
+    /// Live WebSocket tunnels and streaming responses, by credential.
+    pub streams: Arc<Streams>,
+    limits: Limits,
 }
 
 impl Proxy {
-    pub fn new(config: Arc<Config>, access: AccessLogger) -> Proxy {
+    pub fn new(config: Arc<Config>, access: AccessLogger, streams: Arc<Streams>) -> Proxy {
         let up = &config.upstream;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -129,6 +227,11 @@ impl Proxy {
                 config.auth.htpasswd_cache_entries,
             ),
             realm: config.auth.realm.as_str().into(),
+            streams,
+            limits: Limits {
+                idle: config.server.stream_idle_timeout,
+                lifetime: config.server.max_stream_lifetime,
+            },
             config,
         }
     }
@@ -141,9 +244,16 @@ impl Proxy {
     ) -> Result<Response<ResponseBody>, Infallible> {
         let mut ex = Exchange::start(&self, &req, &conn);
         let result = self.forward(req, &conn, &mut ex).await;
+        let mut watch = None;
         let mut resp = match result {
             Ok(resp) => {
                 ex.record.outcome = "ok";
+                if ex.tunnel.is_none() {
+                    if let Some(kind) = stream_kind(&resp) {
+                        let cred = ex.cred.clone().unwrap_or(CredId::Anonymous);
+                        watch = Some(Watch::new(self.streams.register(cred, kind), self.limits));
+                    }
+                }
                 resp.map(Either::Left)
             }
             Err(reject) => {
@@ -151,7 +261,11 @@ impl Proxy {
                 if let Some(reason) = reject.auth_reason() {
                     tracing::debug!(client = %ex.record.client, reason, request_id = %ex.record.request_id, "authentication failed");
                 }
-                let mut resp: Response<Full<Bytes>> = reject.response();
+                let mut resp: Response<Full<Bytes>> = if ex.grpc {
+                    reject.grpc_response()
+                } else {
+                    reject.response()
+                };
                 if ex.unread_body && ex.record.protocol.starts_with("HTTP/1") {
                     // Do not try to read what is left of a refused body: close instead.
                     resp.headers_mut()
@@ -165,18 +279,43 @@ impl Proxy {
         }
         headers::secure_response(resp.headers_mut(), &self.config.headers, self.tls);
         ex.record.status = resp.status().as_u16();
+        if let Some((client, upstream)) = ex.tunnel.take() {
+            // The access log line is written when the tunnel ends, with what it moved.
+            let cred = ex.cred.clone().unwrap_or(CredId::Anonymous);
+            let guard = self.streams.register(cred, StreamKind::WebSocket);
+            let (limits, force) = (self.limits, self.streams.force.clone());
+            self.streams.tracker.spawn(async move {
+                let (end, moved) = tunnel::run(client, upstream, guard, limits, force).await;
+                ex.record.bytes = moved.down;
+                ex.record.outcome = end.outcome();
+                drop(ex);
+                drop(conn);
+            });
+            return Ok(resp.map(|inner| LoggedBody {
+                inner,
+                ex: None,
+                watch: None,
+            }));
+        }
         Ok(resp.map(|inner| LoggedBody {
             inner,
             ex: Some(ex),
+            watch,
         }))
     }
 
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         conn: &ConnInfo,
         ex: &mut Exchange,
     ) -> Result<Response<Incoming>, Reject> {
+        let upgrade = websocket_upgrade(&req);
+        if upgrade.is_none() && req.method() == Method::CONNECT {
+            // Only WebSocket's extended CONNECT (RFC 8441); a proxy tunnel is never opened.
+            return Err(Reject::BadRequest);
+        }
+        let client_upgrade = upgrade.map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let cfg = &self.config;
 
@@ -210,6 +349,7 @@ impl Proxy {
         };
         ex.record.identity = identity.name().map(str::to_owned);
         ex.record.key_fp = identity.fingerprint().map(str::to_owned);
+        ex.cred = Some(CredId::of(&identity));
         if let Identity::Key(key) = &identity {
             if !crate::authz::is_allowed(key.allow.as_deref(), &parts.method, &path) {
                 return Err(Reject::Forbidden);
@@ -230,6 +370,21 @@ impl Proxy {
         headers::strip_hop_by_hop(h);
         if keep_te_trailers {
             h.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+        if let Some(how) = upgrade {
+            if cfg.upstream.protocol == UpstreamProtocol::Http2 {
+                return Err(Reject::UpgradeUnsupported);
+            }
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            if how == Upgrade::ExtendedConnect {
+                // RFC 8441 → RFC 6455: the HTTP/1.1 handshake the backend expects.
+                parts.method = Method::GET;
+                parts.extensions.remove::<hyper::ext::Protocol>();
+                h.insert(header::SEC_WEBSOCKET_KEY, websocket_key());
+                h.entry(header::SEC_WEBSOCKET_VERSION)
+                    .or_insert(HeaderValue::from_static("13"));
+            }
         }
         headers::strip_spoofable(h, &cfg.auth.identity_header);
         if !cfg.upstream.pass_credentials {
@@ -293,7 +448,31 @@ impl Proxy {
             }
             Ok(Ok(resp)) => resp,
         };
+        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         headers::strip_hop_by_hop(resp.headers_mut());
+        match (upgrade, client_upgrade) {
+            (Some(how), Some(client)) if switching => {
+                let upstream = hyper::upgrade::on(&mut resp);
+                let h = resp.headers_mut();
+                match how {
+                    Upgrade::Http1 => {
+                        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+                    }
+                    Upgrade::ExtendedConnect => {
+                        // HTTP/2 accepts a WebSocket with 200 and no Sec-WebSocket-Accept.
+                        h.remove(header::SEC_WEBSOCKET_ACCEPT);
+                        *resp.status_mut() = StatusCode::OK;
+                    }
+                }
+                ex.tunnel = Some((client, upstream));
+            }
+            _ if switching => {
+                tracing::warn!(request_id = %ex.record.request_id, "upstream switched protocols without being asked to");
+                return Err(Reject::UpstreamUnavailable);
+            }
+            _ => {}
+        }
         Ok(resp)
     }
 
@@ -340,7 +519,7 @@ impl Proxy {
         match auth.extract(headers)? {
             None => match &conn.client_cert {
                 // The handshake verified the certificate against client_ca.
-                Some(name) if cfg.client_cert_identity => Ok(Identity::User(name.clone())),
+                Some(name) if cfg.client_cert_identity => Ok(Identity::ClientCert(name.clone())),
                 _ => auth.without_credentials(),
             },
             Some(Credential::ApiKey(token)) => auth.check_key(token, SystemTime::now()),
@@ -373,6 +552,67 @@ impl Proxy {
             .path_and_query(pq)
             .build()
             .map_err(|_| Reject::BadRequest)
+    }
+}
+
+/// How a client asks for a WebSocket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Upgrade {
+    /// HTTP/1.1 `Connection: upgrade` + `Upgrade: websocket` (RFC 6455).
+    Http1,
+    /// HTTP/2 `CONNECT` with `:protocol = websocket` (RFC 8441).
+    ExtendedConnect,
+}
+
+fn websocket_upgrade<B>(req: &Request<B>) -> Option<Upgrade> {
+    if req.method() == Method::CONNECT {
+        let protocol = req.extensions().get::<hyper::ext::Protocol>()?;
+        return protocol
+            .as_str()
+            .eq_ignore_ascii_case("websocket")
+            .then_some(Upgrade::ExtendedConnect);
+    }
+    let h = req.headers();
+    let lists = |name: header::HeaderName, token: &str| {
+        h.get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    (req.version() == Version::HTTP_11
+        && lists(header::CONNECTION, "upgrade")
+        && lists(header::UPGRADE, "websocket"))
+    .then_some(Upgrade::Http1)
+}
+
+/// A fresh `Sec-WebSocket-Key`: 16 random bytes, base64.
+fn websocket_key() -> HeaderValue {
+    use base64::Engine;
+    let mut nonce = [0u8; 16];
+    getrandom::fill(&mut nonce).expect("the OS random source works");
+    let key = base64::engine::general_purpose::STANDARD.encode(nonce);
+    HeaderValue::from_str(&key).expect("base64 is a header value")
+}
+
+/// Whether a response is a stream to register: SSE, or any body of unknown length.
+fn stream_kind(resp: &Response<Incoming>) -> Option<StreamKind> {
+    let sse = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .get(..17)
+                .is_some_and(|t| t.eq_ignore_ascii_case("text/event-stream"))
+        });
+    let body = resp.body();
+    if sse {
+        Some(StreamKind::Sse)
+    } else if !body.is_end_stream() && body.size_hint().exact().is_none() {
+        Some(StreamKind::Stream)
+    } else {
+        None
     }
 }
 
@@ -452,6 +692,12 @@ pub struct Exchange {
     /// The request has a body nobody has started to read.
     unread_body: bool,
     finished: bool,
+    /// Who the request authenticated as, once known.
+    cred: Option<CredId>,
+    /// A gRPC request: refusals are answered the gRPC way.
+    grpc: bool,
+    /// Both halves of an accepted WebSocket upgrade: the client's and the backend's.
+    tunnel: Option<(hyper::upgrade::OnUpgrade, hyper::upgrade::OnUpgrade)>,
 }
 
 impl Exchange {
@@ -470,6 +716,9 @@ impl Exchange {
                 .map(str::to_owned)
         };
         let unread_body = !req.body().is_end_stream();
+        let grpc = headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         Exchange {
             access: proxy.access.clone(),
             start: Instant::now(),
@@ -494,6 +743,9 @@ impl Exchange {
             request_id: Some(request_id),
             unread_body,
             finished: false,
+            cred: None,
+            grpc,
+            tunnel: None,
         }
     }
 }
@@ -513,12 +765,25 @@ impl Drop for Exchange {
 pub struct LoggedBody {
     inner: Either<Incoming, Full<Bytes>>,
     ex: Option<Exchange>,
+    /// For a registered stream: the revocation, idle and lifetime limits.
+    watch: Option<Watch>,
 }
 
 impl LoggedBody {
     fn finish(&mut self) {
         // Dropping the exchange logs it.
         self.ex.take();
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        // Dropped before its end: the client went away mid-response.
+        if let Some(ex) = self.ex.as_mut() {
+            if !self.inner.is_end_stream() {
+                ex.record.outcome = "client_closed";
+            }
+        }
     }
 }
 
@@ -534,8 +799,13 @@ impl Body for LoggedBody {
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(data), Some(ex)) = (frame.data_ref(), this.ex.as_mut()) {
-                    ex.record.bytes += data.len() as u64;
+                if let Some(data) = frame.data_ref() {
+                    if let Some(ex) = this.ex.as_mut() {
+                        ex.record.bytes += data.len() as u64;
+                    }
+                    if let Some(w) = this.watch.as_mut() {
+                        w.touch();
+                    }
                 }
             }
             Poll::Ready(Some(Err(e))) => {
@@ -546,7 +816,19 @@ impl Body for LoggedBody {
                 this.finish();
             }
             Poll::Ready(None) => this.finish(),
-            Poll::Pending => {}
+            Poll::Pending => {
+                if let Some(Poll::Ready(end)) = this.watch.as_mut().map(|w| w.poll_end(cx)) {
+                    if let Some(ex) = this.ex.as_mut() {
+                        ex.record.outcome = end.outcome();
+                        tracing::debug!(request_id = %ex.record.request_id, outcome = end.outcome(), "stream closed by the proxy");
+                    }
+                    this.watch = None;
+                    this.finish();
+                    // An error, not an end: the client must not take a cut stream for a
+                    // complete one (HTTP/1.1 closes the connection, HTTP/2 resets the stream).
+                    return Poll::Ready(Some(Err(end.outcome().into())));
+                }
+            }
         }
         polled
     }

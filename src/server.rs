@@ -5,7 +5,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,15 +15,14 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access_log::AccessLogger;
 use crate::config::Config;
-use crate::proxy::{text_response, Activity, ConnInfo, Proxy};
+use crate::proxy::{text_response, Activity, ActivityIo, ConnInfo, Proxy};
 
 /// A running proxy: bound listeners and the tasks serving them.
 pub struct Server {
@@ -73,7 +71,10 @@ impl Server {
         let local_addr = listener.local_addr()?;
         let admin_addr = admin.local_addr()?;
         let config = Arc::new(config);
-        let proxy = Arc::new(Proxy::new(config.clone(), access));
+        let tracker = TaskTracker::new();
+        let force = CancellationToken::new();
+        let streams = Arc::new(crate::streams::Streams::new(tracker.clone(), force.clone()));
+        let proxy = Arc::new(Proxy::new(config.clone(), access, streams));
         let resolver = config
             .tls
             .as_ref()
@@ -100,8 +101,8 @@ impl Server {
             resolver: resolver.clone(),
             proxy: proxy.clone(),
             shutdown: shutdown.clone(),
-            force: CancellationToken::new(),
-            tracker: TaskTracker::new(),
+            force,
+            tracker,
         };
 
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -115,7 +116,9 @@ impl Server {
             .timer(TokioTimer::new())
             .max_header_list_size(config.server.max_header_bytes as u32)
             // No keep-alive pings: their bytes would keep an idle connection alive forever.
-            .max_concurrent_streams(256);
+            .max_concurrent_streams(256)
+            // WebSocket over HTTP/2 (RFC 8441 extended CONNECT).
+            .enable_connect_protocol();
         let builder = Arc::new(builder);
 
         let ctx = Accept {
@@ -139,13 +142,13 @@ impl Server {
         let handshake_timeout = config.server.header_read_timeout;
         let serve = {
             let ctx = ctx.clone();
-            move |stream: TcpStream, peer: SocketAddr, activity: Arc<Activity>| {
+            move |stream: TcpStream,
+                  peer: SocketAddr,
+                  activity: Arc<Activity>,
+                  permit: OwnedSemaphorePermit| {
                 let proxy = proxy.clone();
                 let builder = builder.clone();
-                let io = ActivityIo {
-                    inner: stream,
-                    activity: activity.clone(),
-                };
+                let io = ActivityIo::new(stream, activity.clone());
                 let ctx = ctx.clone();
                 let acceptor = acceptor.clone();
                 async move {
@@ -154,6 +157,7 @@ impl Server {
                             peer,
                             activity: activity.clone(),
                             client_cert: None,
+                            slot: permit,
                         });
                         let svc = service_fn(move |req| proxy.clone().handle(req, info.clone()));
                         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
@@ -182,6 +186,7 @@ impl Server {
                         peer,
                         activity: activity.clone(),
                         client_cert,
+                        slot: permit,
                     });
                     let svc = service_fn(move |req| proxy.clone().handle(req, info.clone()));
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
@@ -304,7 +309,7 @@ impl Accept {
     /// Accept errors (EMFILE and the like) back off and never end the loop.
     async fn accept_loop<F, Fut>(self, listener: TcpListener, name: &'static str, serve: F)
     where
-        F: Fn(TcpStream, SocketAddr, Arc<Activity>) -> Fut,
+        F: Fn(TcpStream, SocketAddr, Arc<Activity>, OwnedSemaphorePermit) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let mut backoff = Duration::from_millis(5);
@@ -337,11 +342,8 @@ impl Accept {
             let _ = stream.set_nodelay(true);
             let activity = Arc::new(Activity::new());
             activity.touch();
-            let fut = serve(stream, peer, activity);
-            self.tracker.spawn(async move {
-                fut.await;
-                drop(permit);
-            });
+            // The permit travels with the connection (and with a tunnel it turns into).
+            self.tracker.spawn(serve(stream, peer, activity, permit));
         }
     }
 
@@ -426,18 +428,18 @@ impl Accept {
     fn http1<H, Fut>(
         self,
         handler: H,
-    ) -> impl Fn(TcpStream, SocketAddr, Arc<Activity>) -> BoxFuture + Clone
+    ) -> impl Fn(TcpStream, SocketAddr, Arc<Activity>, OwnedSemaphorePermit) -> BoxFuture + Clone
     where
         H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
         Fut: std::future::Future<Output = Result<Response<Full<Bytes>>, std::convert::Infallible>>
             + Send
             + 'static,
     {
-        move |stream: TcpStream, peer: SocketAddr, activity: Arc<Activity>| {
-            let io = TokioIo::new(ActivityIo {
-                inner: stream,
-                activity: activity.clone(),
-            });
+        move |stream: TcpStream,
+              peer: SocketAddr,
+              activity: Arc<Activity>,
+              permit: OwnedSemaphorePermit| {
+            let io = TokioIo::new(ActivityIo::new(stream, activity.clone()));
             let svc = service_fn(handler.clone());
             let ctx = self.clone();
             Box::pin(async move {
@@ -446,6 +448,7 @@ impl Accept {
                     .header_read_timeout(Duration::from_secs(10));
                 let conn = b.serve_connection(io, svc);
                 ctx.drive(conn, &activity, peer).await;
+                drop(permit);
             })
         }
     }
@@ -498,65 +501,6 @@ fn is_per_connection_error(e: &io::Error) -> bool {
             | io::ErrorKind::Interrupted
             | io::ErrorKind::WouldBlock
     )
-}
-
-/// A socket that records when it last moved bytes, for the idle timeout.
-struct ActivityIo {
-    inner: TcpStream,
-    activity: Arc<Activity>,
-}
-
-impl AsyncRead for ActivityIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
-        }
-        r
-    }
-}
-
-impl AsyncWrite for ActivityIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        r
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        r
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 /// `/healthz`: the process answers. `/readyz`: credentials are loaded and the backend accepts

@@ -52,6 +52,13 @@ pub struct ApiKey {
     pub description: Option<String>,
 }
 
+impl ApiKey {
+    /// The key's SHA-256: what identifies it (names may repeat during a rotation).
+    pub fn digest(&self) -> &[u8; 32] {
+        &self.digest
+    }
+}
+
 /// Why a presented key was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyRefusal {

@@ -21,6 +21,8 @@ pub enum Identity {
     Key(Arc<ApiKey>),
     /// An htpasswd user, by name.
     User(Arc<str>),
+    /// A verified TLS client certificate (`client_cert_identity`), by its CN or first SAN.
+    ClientCert(Arc<str>),
     /// A `public_paths` request, or any request under `anonymous = true` without a credential.
     Anonymous,
 }
@@ -30,7 +32,7 @@ impl Identity {
     pub fn name(&self) -> Option<&str> {
         match self {
             Identity::Key(k) => Some(&k.name),
-            Identity::User(u) => Some(u),
+            Identity::User(u) | Identity::ClientCert(u) => Some(u),
             Identity::Anonymous => None,
         }
     }
@@ -38,7 +40,7 @@ impl Identity {
     pub fn fingerprint(&self) -> Option<&str> {
         match self {
             Identity::Key(k) => Some(&k.fingerprint),
-            Identity::User(_) | Identity::Anonymous => None,
+            Identity::User(_) | Identity::ClientCert(_) | Identity::Anonymous => None,
         }
     }
 }

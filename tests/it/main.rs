@@ -8,5 +8,7 @@ mod htpasswd;
 mod paths;
 mod pki;
 mod shutdown;
+mod streams;
 mod support;
 mod tls;
+mod websocket;

@@ -241,6 +241,15 @@ impl Proxy {
         .await
     }
 
+    /// Start a proxy in front of `upstream` with `server` lines added to its [server] section.
+    pub async fn with_server(upstream: &str, server: &str) -> Proxy {
+        Proxy::start_with(&format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{server}\n\
+             [upstream]\nurl = \"{upstream}\"\n"
+        ))
+        .await
+    }
+
     /// Start a proxy from a complete config. `[auth] keys_file = "keys.toml"` is added unless
     /// the text has an [auth] section; the access log goes to `access.log` unless [log] is set.
     pub async fn start_with(config: &str) -> Proxy {

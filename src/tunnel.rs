@@ -1,0 +1,194 @@
+//! Long-lived traffic: the byte tunnel behind a WebSocket upgrade, and the limits every
+//! stream lives under (idle timeout, maximum lifetime, revocation).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
+use tokio::time::Sleep;
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use crate::proxy::{Activity, ActivityIo};
+use crate::streams::StreamGuard;
+
+/// Why a stream ended, as the access log's `outcome`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Either side closed.
+    Closed,
+    /// Either side failed (reset, broken upgrade).
+    Error,
+    /// Its credential was revoked.
+    Revoked,
+    /// No bytes either way for `stream_idle_timeout`.
+    Idle,
+    /// `max_stream_lifetime` reached.
+    Lifetime,
+    /// The shutdown grace ran out.
+    Shutdown,
+}
+
+impl End {
+    pub fn outcome(self) -> &'static str {
+        match self {
+            End::Closed => "ok",
+            End::Error => "upstream_error",
+            End::Revoked => "revoked",
+            End::Idle => "stream_idle_timeout",
+            End::Lifetime => "stream_lifetime",
+            End::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// The limits of one stream.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub idle: Duration,
+    pub lifetime: Option<Duration>,
+}
+
+/// What a finished tunnel moved.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Moved {
+    /// From the client to the backend.
+    pub up: u64,
+    /// From the backend to the client.
+    pub down: u64,
+}
+
+/// Wait for both sides of an upgrade, then copy bytes both ways until either side closes, the
+/// credential is revoked, the stream idles or outlives its limits, or shutdown forces it.
+pub async fn run(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    guard: StreamGuard,
+    limits: Limits,
+    force: tokio_util::sync::CancellationToken,
+) -> (End, Moved) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(both) => both,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade did not complete");
+            return (End::Error, Moved::default());
+        }
+    };
+    let activity = Arc::new(Activity::new());
+    activity.touch();
+    let mut client = ActivityIo::new(TokioIo::new(client), activity.clone());
+    let mut upstream = TokioIo::new(upstream);
+    let revoked = guard.revoked().clone();
+    let lifetime = async {
+        match limits.lifetime {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    // When either side finishes, the tunnel ends: what it sent is delivered and the other side
+    // is closed, rather than waiting on a peer that may never close its half (a WebSocket
+    // client waits for the server to close after the closing handshake).
+    let (mut client_read, mut client_write) = tokio::io::split(&mut client);
+    let (mut upstream_read, mut upstream_write) = tokio::io::split(&mut upstream);
+    let up = async {
+        let r = tokio::io::copy(&mut client_read, &mut upstream_write).await;
+        let _ = upstream_write.shutdown().await;
+        r
+    };
+    let down = async {
+        let r = tokio::io::copy(&mut upstream_read, &mut client_write).await;
+        let _ = client_write.shutdown().await;
+        r
+    };
+    let end = tokio::select! {
+        r = up => copied(r),
+        r = down => copied(r),
+        _ = revoked.cancelled() => End::Revoked,
+        _ = force.cancelled() => End::Shutdown,
+        _ = lifetime => End::Lifetime,
+        _ = idle(&activity, limits.idle) => End::Idle,
+    };
+    let moved = Moved {
+        up: activity.read_bytes(),
+        down: activity.written_bytes(),
+    };
+    (end, moved)
+}
+
+fn copied(r: std::io::Result<u64>) -> End {
+    match r {
+        Ok(_) => End::Closed,
+        Err(e) => {
+            tracing::debug!(error = %e, "tunnel ended with an error");
+            End::Error
+        }
+    }
+}
+
+/// Resolves once `activity` has seen no bytes for `limit`.
+async fn idle(activity: &Activity, limit: Duration) {
+    loop {
+        let deadline = activity.last() + limit;
+        if deadline <= Instant::now() {
+            return;
+        }
+        tokio::time::sleep_until(deadline.into()).await;
+    }
+}
+
+/// The limits a streaming response body is polled against: revocation, idle, lifetime.
+pub struct Watch {
+    guard: StreamGuard,
+    revoked: Pin<Box<WaitForCancellationFutureOwned>>,
+    idle: Pin<Box<Sleep>>,
+    idle_limit: Duration,
+    last_data: Instant,
+    lifetime: Option<Pin<Box<Sleep>>>,
+}
+
+impl Watch {
+    pub fn new(guard: StreamGuard, limits: Limits) -> Watch {
+        let revoked = Box::pin(guard.revoked().clone().cancelled_owned());
+        Watch {
+            guard,
+            revoked,
+            idle: Box::pin(tokio::time::sleep(limits.idle)),
+            idle_limit: limits.idle,
+            last_data: Instant::now(),
+            lifetime: limits.lifetime.map(|d| Box::pin(tokio::time::sleep(d))),
+        }
+    }
+
+    /// Data moved: the idle clock starts again (the timer is moved lazily when it fires).
+    pub fn touch(&mut self) {
+        self.last_data = Instant::now();
+    }
+
+    pub fn kind(&self) -> crate::streams::StreamKind {
+        self.guard.kind()
+    }
+
+    /// `Ready(end)` when the stream must end now.
+    pub fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<End> {
+        if self.revoked.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(End::Revoked);
+        }
+        if let Some(l) = &mut self.lifetime {
+            if l.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(End::Lifetime);
+            }
+        }
+        while self.idle.as_mut().poll(cx).is_ready() {
+            let deadline = self.last_data + self.idle_limit;
+            if deadline <= Instant::now() {
+                return Poll::Ready(End::Idle);
+            }
+            self.idle.as_mut().reset(deadline.into());
+        }
+        Poll::Pending
+    }
+}
