@@ -190,6 +190,8 @@ pub struct Proxy {
     /// Live WebSocket tunnels and streaming responses, by credential.
     pub streams: Arc<Streams>,
     limits: Limits,
+    /// What the last reloads of the keys and htpasswd files did.
+    pub reloads: crate::state::Reloads,
 }
 
 impl Proxy {
@@ -228,6 +230,7 @@ impl Proxy {
             ),
             realm: config.auth.realm.as_str().into(),
             streams,
+            reloads: crate::state::Reloads::new(&config),
             limits: Limits {
                 idle: config.server.stream_idle_timeout,
                 lifetime: config.server.max_stream_lifetime,

@@ -31,8 +31,8 @@ pub struct Server {
     redirect_addr: Option<SocketAddr>,
     /// The served certificate, when the public listener terminates TLS.
     resolver: Option<Arc<crate::tls::CertResolver>>,
-    /// Kept alive for as long as the server runs.
-    _watcher: Option<notify::RecommendedWatcher>,
+    /// Kept alive for as long as the server runs: certificate files, credential files.
+    _watchers: [Option<notify::RecommendedWatcher>; 2],
     proxy: Arc<Proxy>,
     shutdown: CancellationToken,
     force: CancellationToken,
@@ -93,11 +93,27 @@ impl Server {
             }
             _ => None,
         };
+        // The keys and htpasswd files, watched through their directories.
+        let credential_files: Vec<_> = [&config.auth.keys_file, &config.auth.htpasswd_file]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        let credentials_watcher = if credential_files.is_empty() {
+            None
+        } else {
+            let proxy = proxy.clone();
+            let w = crate::reload::watch(&credential_files, shutdown.clone(), move || {
+                proxy.reload_credentials();
+            })
+            .map_err(|e| anyhow::anyhow!("cannot watch the credential files: {e}"))?;
+            Some(w)
+        };
         let server = Server {
             local_addr,
             admin_addr,
             redirect_addr: redirect.as_ref().and_then(|l| l.local_addr().ok()),
-            _watcher: watcher,
+            _watchers: [watcher, credentials_watcher],
             resolver: resolver.clone(),
             proxy: proxy.clone(),
             shutdown: shutdown.clone(),
@@ -221,19 +237,25 @@ impl Server {
                 .spawn(redirect_ctx.accept_loop(redirect, "redirect_http", serve));
         }
 
-        // Expired bans and stale failure counters are dropped in the background.
+        // Every second: close the streams of keys that just expired. Every ten: drop expired
+        // bans and stale failure counters.
         let housekeeping = server.proxy.clone();
         let stop = server.shutdown.clone();
         server.tracker.spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(10));
-            loop {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut since = std::time::SystemTime::now();
+            for n in 0u64.. {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = tick.tick() => {
-                        let ended = housekeeping.bans.housekeep(std::time::Instant::now());
-                        if ended > 0 {
-                            tracing::info!(event = "ban_end", count = ended, "bans expired");
-                        }
+                    _ = tick.tick() => {}
+                }
+                let now = std::time::SystemTime::now();
+                housekeeping.revoke_expired(since, now);
+                since = now;
+                if n % 10 == 9 {
+                    let ended = housekeeping.bans.housekeep(std::time::Instant::now());
+                    if ended > 0 {
+                        tracing::info!(event = "ban_end", count = ended, "bans expired");
                     }
                 }
             }
@@ -270,6 +292,7 @@ impl Server {
         if let (Some(resolver), Some(tls)) = (&self.resolver, &self.proxy.config.tls) {
             reload_certificate(resolver, &tls.files);
         }
+        self.proxy.reload_credentials();
     }
 
     /// The request pipeline and its shared state (bans, verification cache).
@@ -551,17 +574,24 @@ async fn readiness(proxy: &Proxy, tls: Option<&crate::tls::CertResolver>) -> Res
         "credentials": {
             "ok": credentials_ok,
             "anonymous": cfg.auth.anonymous,
+            "generation": snapshot.generation,
             "keys": {
                 "file": cfg.auth.keys_file.as_ref().map(|p| p.display().to_string()),
                 "loaded": snapshot.keys.len(),
                 "enabled": keys_loaded,
-                "last_reload": "ok",
+                "reload": crate::state::Reloads::status(&proxy.reloads.keys),
             },
             "htpasswd": {
                 "file": cfg.auth.htpasswd_file.as_ref().map(|p| p.display().to_string()),
                 "users": users_loaded,
-                "last_reload": "ok",
+                "reload": crate::state::Reloads::status(&proxy.reloads.htpasswd),
             },
+        },
+        "streams": {
+            "websocket": proxy.streams.active(crate::streams::StreamKind::WebSocket),
+            "sse": proxy.streams.active(crate::streams::StreamKind::Sse),
+            "stream": proxy.streams.active(crate::streams::StreamKind::Stream),
+            "revoked_total": proxy.streams.revoked_total(),
         },
         "upstream": { "url": cfg.upstream.url.to_string(), "reachable": upstream_ok },
         "tls": tls.map(|t| {

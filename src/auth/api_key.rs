@@ -57,6 +57,11 @@ impl ApiKey {
     pub fn digest(&self) -> &[u8; 32] {
         &self.digest
     }
+
+    /// Enabled and not expired at `now`.
+    pub fn usable(&self, now: SystemTime) -> bool {
+        self.enabled && self.expires.is_none_or(|e| e > now)
+    }
 }
 
 /// Why a presented key was refused.
@@ -263,6 +268,16 @@ impl KeySet {
 
     pub fn is_empty(&self) -> bool {
         self.by_digest.is_empty()
+    }
+
+    /// Every key, in no particular order.
+    pub fn keys(&self) -> impl Iterator<Item = &Arc<ApiKey>> {
+        self.by_digest.values()
+    }
+
+    /// Whether the key with this digest exists and may be used `now`.
+    pub fn usable(&self, digest: &[u8; 32], now: SystemTime) -> bool {
+        self.by_digest.get(digest).is_some_and(|k| k.usable(now))
     }
 
     pub fn enabled_count(&self) -> usize {

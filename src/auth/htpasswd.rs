@@ -410,6 +410,11 @@ impl Htpasswd {
         }
     }
 
+    /// Every user, in no particular order.
+    pub fn users(&self) -> impl Iterator<Item = &Arc<User>> {
+        self.users.values()
+    }
+
     pub fn len(&self) -> usize {
         self.users.len()
     }

@@ -262,6 +262,66 @@ async fn sigterm_stops_the_binary_cleanly() {
 }
 
 #[tokio::test]
+async fn sighup_reloads_a_keys_file_the_watcher_cannot_see_change() {
+    if find_tool("kill", "procps").is_none() {
+        return;
+    }
+    let backend = Backend::ok().await;
+    let dir = tempfile::tempdir().unwrap();
+    // keys.toml is a symlink into a directory nobody watches: editing the target there makes
+    // no event in the watched directory; SIGHUP is how the operator says "re-read".
+    let elsewhere = tempfile::tempdir().unwrap();
+    let target = elsewhere.path().join("real-keys.toml");
+    let entry =
+        |name: &str, key: &str| format!("[[keys]]\nname = \"{name}\"\napi_key = \"{key}\"\n");
+    std::fs::write(&target, entry("first", PROD_KEY)).unwrap();
+    std::os::unix::fs::symlink(&target, dir.path().join("keys.toml")).unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[upstream]\nurl = \"{}\"\n[auth]\nkeys_file = \"keys.toml\"\n[ban]\nenabled = false\n[log]\nformat = \"json\"\naccess_log = \"off\"\n",
+            backend.url()
+        ),
+    )
+    .unwrap();
+    let mut child = bin()
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(child.stderr.take().unwrap());
+    let line = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("a startup line");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let addr: std::net::SocketAddr = v["listen"].as_str().unwrap().parse().unwrap();
+    let url = format!("http://{addr}/x");
+    assert_eq!(get(&url, &[("x-api-key", PROD_KEY)]).await.status, 200);
+
+    std::fs::write(&target, entry("second", WEB_KEY)).unwrap();
+    let hup = Command::new("kill")
+        .arg("-HUP")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while get(&url, &[("x-api-key", WEB_KEY)]).await.status != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP did not reload the keys"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(get(&url, &[("x-api-key", PROD_KEY)]).await.status, 401);
+    let code = stop(&mut child, "-TERM").await;
+    assert!(code.success(), "exit status {code}");
+}
+
+#[tokio::test]
 async fn the_demo_serves_its_key_and_refuses_requests_without_it() {
     let mut child = bin()
         .arg("demo")

@@ -7,6 +7,7 @@ mod forwarding;
 mod htpasswd;
 mod paths;
 mod pki;
+mod reload;
 mod shutdown;
 mod streams;
 mod support;

@@ -11,16 +11,17 @@ use portcullis::streams::StreamKind;
 
 use crate::support::*;
 
-type Sender = tokio::sync::mpsc::Sender<Result<Bytes, Box<dyn std::error::Error + Send + Sync>>>;
+pub type Sender =
+    tokio::sync::mpsc::Sender<Result<Bytes, Box<dyn std::error::Error + Send + Sync>>>;
 
 /// A backend answering every request with an SSE stream fed by the test.
-struct SseBackend {
-    backend: Backend,
+pub struct SseBackend {
+    pub backend: Backend,
     senders: Arc<Mutex<Vec<Sender>>>,
 }
 
 impl SseBackend {
-    async fn start() -> SseBackend {
+    pub async fn start() -> SseBackend {
         let senders: Arc<Mutex<Vec<Sender>>> = Default::default();
         let s = senders.clone();
         let backend = Backend::with(move |_req: Request<Incoming>| {
@@ -41,7 +42,7 @@ impl SseBackend {
     }
 
     /// The sender of the n-th stream, once its request has arrived.
-    async fn sender(&self, n: usize) -> Sender {
+    pub async fn sender(&self, n: usize) -> Sender {
         let senders = self.senders.clone();
         eventually(Duration::from_secs(10), || {
             senders.lock().unwrap().get(n).cloned()
@@ -51,14 +52,14 @@ impl SseBackend {
     }
 }
 
-async fn event(tx: &Sender, text: &str) {
+pub async fn event(tx: &Sender, text: &str) {
     tx.send(Ok(Bytes::from(format!("data: {text}\n\n"))))
         .await
         .expect("the stream is open");
 }
 
 /// The next data chunk of a streaming response, within 10 s.
-async fn next_chunk(body: &mut Incoming) -> Option<Result<Bytes, hyper::Error>> {
+pub async fn next_chunk(body: &mut Incoming) -> Option<Result<Bytes, hyper::Error>> {
     loop {
         let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
             .await
@@ -74,7 +75,7 @@ async fn next_chunk(body: &mut Incoming) -> Option<Result<Bytes, hyper::Error>> 
     }
 }
 
-async fn open_stream(proxy: &Proxy, headers: &[(&str, &str)]) -> Response<Incoming> {
+pub async fn open_stream(proxy: &Proxy, headers: &[(&str, &str)]) -> Response<Incoming> {
     let mut req = Request::get(proxy.url("/mcp"));
     for (k, v) in headers {
         req = req.header(*k, *v);
@@ -83,19 +84,6 @@ async fn open_stream(proxy: &Proxy, headers: &[(&str, &str)]) -> Response<Incomi
         .request(req.body(full("")).unwrap())
         .await
         .expect("response headers")
-}
-
-async fn wait_streams(proxy: &Proxy, kind: StreamKind, n: usize) {
-    let streams = proxy.server.as_ref().unwrap().proxy().streams.clone();
-    let reached = eventually(Duration::from_secs(10), || {
-        (streams.active(kind) == n).then_some(())
-    })
-    .await;
-    assert!(
-        reached.is_some(),
-        "{kind:?}: {} (want {n})",
-        streams.active(kind)
-    );
 }
 
 #[tokio::test]

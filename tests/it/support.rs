@@ -193,12 +193,16 @@ impl Backend {
                         hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                     match tls {
                         None => {
-                            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                            let _ = builder
+                                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                                .await;
                         }
                         Some(config) => {
                             let acceptor = tokio_rustls::TlsAcceptor::from(config);
                             if let Ok(stream) = acceptor.accept(stream).await {
-                                let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                                let _ = builder
+                                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                                    .await;
                             }
                         }
                     }
@@ -296,6 +300,20 @@ impl Proxy {
         .await;
         lines.unwrap_or_else(|| panic!("fewer than {n} access log lines"))
     }
+}
+
+/// Wait (10 s at most) until the proxy has `n` live streams of `kind`.
+pub async fn wait_streams(proxy: &Proxy, kind: portcullis::streams::StreamKind, n: usize) {
+    let streams = proxy.server.as_ref().unwrap().proxy().streams.clone();
+    let reached = eventually(Duration::from_secs(10), || {
+        (streams.active(kind) == n).then_some(())
+    })
+    .await;
+    assert!(
+        reached.is_some(),
+        "{kind:?} streams: {} (want {n})",
+        streams.active(kind)
+    );
 }
 
 /// Poll `f` every 20 ms until it returns `Some`, or `None` after `deadline`.

@@ -19,7 +19,7 @@ use tokio_tungstenite::WebSocketStream;
 use crate::support::*;
 
 /// A WebSocket echo server on loopback that counts handshakes and keeps the last one's headers.
-struct EchoBackend {
+pub struct EchoBackend {
     addr: SocketAddr,
     handshakes: Arc<AtomicUsize>,
     last_headers: Arc<Mutex<HeaderMap>>,
@@ -33,7 +33,7 @@ impl Drop for EchoBackend {
 }
 
 impl EchoBackend {
-    async fn start() -> EchoBackend {
+    pub async fn start() -> EchoBackend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let handshakes = Arc::new(AtomicUsize::new(0));
@@ -82,15 +82,19 @@ impl EchoBackend {
         }
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 }
 
-type Ws = WebSocketStream<TcpStream>;
+pub type Ws = WebSocketStream<TcpStream>;
 
 /// Open a WebSocket to the proxy at `path` with `headers`.
-async fn connect_ws(proxy: &Proxy, path: &str, headers: &[(&str, &str)]) -> Result<Ws, WsError> {
+pub async fn connect_ws(
+    proxy: &Proxy,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Ws, WsError> {
     let mut req = format!("ws://{}{path}", proxy.addr)
         .into_client_request()
         .unwrap();
@@ -105,7 +109,7 @@ async fn connect_ws(proxy: &Proxy, path: &str, headers: &[(&str, &str)]) -> Resu
     Ok(ws)
 }
 
-async fn next_message<S>(ws: &mut WebSocketStream<S>) -> Message
+pub async fn next_message<S>(ws: &mut WebSocketStream<S>) -> Message
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -117,7 +121,7 @@ where
 }
 
 /// Wait until the connection ends (close frame, EOF or reset); panics after 10 s.
-async fn until_closed<S>(ws: &mut WebSocketStream<S>)
+pub async fn until_closed<S>(ws: &mut WebSocketStream<S>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -131,19 +135,6 @@ where
     })
     .await;
     assert!(ended.is_ok(), "the WebSocket was not closed");
-}
-
-async fn wait_streams(proxy: &Proxy, kind: StreamKind, n: usize) {
-    let streams = proxy.server.as_ref().unwrap().proxy().streams.clone();
-    let reached = eventually(Duration::from_secs(10), || {
-        (streams.active(kind) == n).then_some(())
-    })
-    .await;
-    assert!(
-        reached.is_some(),
-        "{kind:?} streams: {} (want {n})",
-        streams.active(kind)
-    );
 }
 
 #[tokio::test]
