@@ -174,6 +174,9 @@ url = "http://127.0.0.1:$BACKEND_PORT"
 $auth
 [ban]
 enabled = false
+# nginx has no limit in these scenarios: neither has portcullis.
+[rate_limit]
+enabled = false
 [log]
 level = "warn"
 access_log = "off"

@@ -69,6 +69,8 @@ fn bench(c: &mut Criterion) {
                 &mut h,
                 &headers::Forwarded {
                     client_ip: "127.0.0.1".parse().unwrap(),
+                    peer: "127.0.0.1".parse().unwrap(),
+                    chain: None,
                     proto: "http",
                     client_host: Some(&host),
                 },

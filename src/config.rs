@@ -32,8 +32,28 @@ struct RawConfig {
     upstream: Option<Spanned<RawUpstream>>,
     auth: Option<Spanned<RawAuth>>,
     ban: Option<RawBan>,
+    rate_limit: Option<RawRateLimit>,
     headers: Option<RawHeaders>,
     log: Option<RawLog>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    enabled: Option<bool>,
+    requests_per_second: S<i64>,
+    burst: S<i64>,
+    backend: Option<Spanned<RateLimitBackend>>,
+    redis_url: S<String>,
+    redis_failure: Option<crate::ratelimit::RedisFailure>,
+    redis_timeout: S<String>,
+}
+
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum RateLimitBackend {
+    Memory,
+    Redis,
 }
 
 #[derive(Deserialize, Default)]
@@ -82,6 +102,9 @@ struct RawServer {
     redirect_http: S<String>,
     stream_idle_timeout: S<String>,
     max_stream_lifetime: S<String>,
+    max_connections_per_ip: S<i64>,
+    allow_cidrs: Option<Vec<Spanned<String>>>,
+    trusted_proxies: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -189,6 +212,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub auth: AuthConfig,
     pub ban: BanConfig,
+    pub rate_limit: crate::ratelimit::RateLimitConfig,
     pub headers: HeadersConfig,
     pub log: LogConfig,
     /// Things worth telling the operator that do not stop the proxy (weak password hashes).
@@ -209,6 +233,10 @@ pub struct ServerConfig {
     pub stream_idle_timeout: Duration,
     /// A WebSocket tunnel or streaming response is closed after this long, if set.
     pub max_stream_lifetime: Option<Duration>,
+    /// Concurrent connections from one client address (trusted proxies are exempt).
+    pub max_connections_per_ip: u32,
+    /// `allow_cidrs` and `trusted_proxies`.
+    pub net: crate::netpolicy::NetPolicy,
     /// A plain listener that answers 308 to https://.
     pub redirect_http: Option<SocketAddr>,
 }
@@ -416,6 +444,7 @@ impl Validator<'_> {
         };
         let auth = self.auth(raw.auth, tls.as_ref());
         let ban = self.ban(raw.ban.unwrap_or_default());
+        let rate_limit = self.rate_limit(raw.rate_limit.unwrap_or_default());
         let headers = self.headers(raw.headers.unwrap_or_default());
         let log = self.log(raw.log.unwrap_or_default());
         Some(Config {
@@ -425,6 +454,7 @@ impl Validator<'_> {
             upstream: upstream?,
             auth: auth?,
             ban,
+            rate_limit,
             headers,
             log,
             warnings: std::mem::take(&mut self.warnings),
@@ -471,6 +501,18 @@ impl Validator<'_> {
             max_stream_lifetime: r.max_stream_lifetime.as_ref().map(|_| {
                 self.duration(&r.max_stream_lifetime, "max_stream_lifetime", Duration::MAX)
             }),
+            max_connections_per_ip: match &r.max_connections_per_ip {
+                None => 64,
+                Some(v) if (1..=1_000_000).contains(v.get_ref()) => *v.get_ref() as u32,
+                Some(v) => {
+                    self.err(v, "max_connections_per_ip must be between 1 and 1000000");
+                    64
+                }
+            },
+            net: crate::netpolicy::NetPolicy {
+                allow: self.cidrs(&r.allow_cidrs, "allow_cidrs"),
+                trusted: self.cidrs(&r.trusted_proxies, "trusted_proxies"),
+            },
             redirect_http: r
                 .redirect_http
                 .as_ref()
@@ -856,6 +898,88 @@ impl Validator<'_> {
             add,
             remove,
             override_backend: h.override_backend.unwrap_or(false),
+        }
+    }
+
+    fn cidrs(&mut self, list: &Option<Vec<Spanned<String>>>, key: &str) -> Vec<ipnet::IpNet> {
+        let mut out = Vec::new();
+        for v in list.iter().flatten() {
+            let text = v.get_ref().trim();
+            // A bare address is a /32 or /128.
+            let parsed = text
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            match parsed {
+                Ok(net) => out.push(net.trunc()),
+                Err(_) => self.err(
+                    v,
+                    format!("{key}: \"{text}\" is not a CIDR; write e.g. \"10.0.0.0/8\", \"fd00::/8\" or an address"),
+                ),
+            }
+        }
+        out
+    }
+
+    fn rate_limit(&mut self, r: RawRateLimit) -> crate::ratelimit::RateLimitConfig {
+        let d = crate::ratelimit::RateLimitConfig::default();
+        let mut count = |v: &S<i64>, key: &str| match v {
+            None => None,
+            Some(n) if (1..=1_000_000).contains(n.get_ref()) => Some(*n.get_ref() as u32),
+            Some(n) => {
+                self.err(n, format!("{key} must be between 1 and 1000000"));
+                None
+            }
+        };
+        let per_second = count(&r.requests_per_second, "requests_per_second");
+        let burst = count(&r.burst, "burst");
+        let default = match (per_second, burst) {
+            (None, None) => d.default,
+            (Some(rps), b) => crate::ratelimit::Quota {
+                per_second: rps,
+                burst: b.unwrap_or(rps.saturating_mul(2)),
+            },
+            (None, Some(b)) => crate::ratelimit::Quota {
+                per_second: d.default.per_second,
+                burst: b,
+            },
+        };
+        let timeout = self.duration(
+            &r.redis_timeout,
+            "redis_timeout",
+            Duration::from_millis(100),
+        );
+        let redis = match (r.backend.as_ref().map(|b| *b.get_ref()), &r.redis_url) {
+            (Some(RateLimitBackend::Redis), Some(url)) => {
+                if let Err(e) = redis::Client::open(url.get_ref().as_str()) {
+                    self.err(url, format!("redis_url = \"{}\": {e}", url.get_ref()));
+                }
+                Some(crate::ratelimit::RedisConfig {
+                    url: url.get_ref().clone(),
+                    failure: r.redis_failure.unwrap_or_default(),
+                    timeout,
+                })
+            }
+            (Some(RateLimitBackend::Redis), None) => {
+                let b = r.backend.as_ref().expect("matched");
+                self.err(
+                    b,
+                    "backend = \"redis\" needs redis_url = \"redis://HOST:6379/\"",
+                );
+                None
+            }
+            (_, Some(url)) => {
+                self.err(
+                    url,
+                    "redis_url is used only with backend = \"redis\"; add it or remove redis_url",
+                );
+                None
+            }
+            _ => None,
+        };
+        crate::ratelimit::RateLimitConfig {
+            enabled: r.enabled.unwrap_or(d.enabled),
+            default,
+            redis,
         }
     }
 

@@ -39,6 +39,9 @@ pub enum Reject {
     /// Authenticated, but the key's `allow` list does not cover this method and path.
     #[error("forbidden")]
     Forbidden,
+    /// The client's network is not in `allow_cidrs`.
+    #[error("forbidden network")]
+    ForbiddenNetwork,
     #[error("payload too large")]
     PayloadTooLarge,
     /// Malformed or ambiguous request (bad path, smuggling shapes).
@@ -63,7 +66,7 @@ impl Reject {
                 StatusCode::UNAUTHORIZED
             }
             Reject::Banned { .. } | Reject::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Reject::Forbidden => StatusCode::FORBIDDEN,
+            Reject::Forbidden | Reject::ForbiddenNetwork => StatusCode::FORBIDDEN,
             Reject::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reject::BadRequest => StatusCode::BAD_REQUEST,
             Reject::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
@@ -82,6 +85,7 @@ impl Reject {
             Reject::Banned { .. } => "banned",
             Reject::RateLimited { .. } => "rate_limited",
             Reject::Forbidden => "forbidden",
+            Reject::ForbiddenNetwork => "forbidden_network",
             Reject::PayloadTooLarge => "payload_too_large",
             Reject::BadRequest => "bad_request",
             Reject::UpstreamUnavailable => "upstream_unavailable",
@@ -103,6 +107,7 @@ impl Reject {
             Reject::Banned { .. } => "Too many failed authentications; try again later.",
             Reject::RateLimited { .. } => "Too many requests; try again later.",
             Reject::Forbidden => "This key may not access this method and path.",
+            Reject::ForbiddenNetwork => "Requests from this network are not accepted.",
             Reject::PayloadTooLarge => "The request body is too large.",
             Reject::BadRequest => "The request is malformed.",
             Reject::UpstreamUnavailable => "The service is unavailable.",
@@ -125,6 +130,7 @@ impl Reject {
             Reject::Banned { .. } => "banned",
             Reject::RateLimited { .. } => "rate_limited",
             Reject::Forbidden => "forbidden",
+            Reject::ForbiddenNetwork => "forbidden_network",
             Reject::PayloadTooLarge => "payload_too_large",
             Reject::BadRequest => "bad_request",
             Reject::UpstreamUnavailable => "upstream_error",
@@ -142,7 +148,7 @@ impl Reject {
             | Reject::InvalidToken(_)
             | Reject::BasicRequired(_)
             | Reject::BadPassword(_) => 16, // UNAUTHENTICATED
-            Reject::Forbidden => 7, // PERMISSION_DENIED
+            Reject::Forbidden | Reject::ForbiddenNetwork => 7, // PERMISSION_DENIED
             Reject::Banned { .. } | Reject::RateLimited { .. } | Reject::PayloadTooLarge => 8, // RESOURCE_EXHAUSTED
             Reject::BadRequest => 3,           // INVALID_ARGUMENT
             Reject::UpstreamUnavailable => 14, // UNAVAILABLE

@@ -78,7 +78,12 @@ pub fn strip_spoofable(headers: &mut HeaderMap, identity_header: &HeaderName) {
 
 /// What the proxy tells the backend about the request.
 pub struct Forwarded<'a> {
+    /// The client (`X-Real-IP`).
     pub client_ip: IpAddr,
+    /// The socket peer, appended to `X-Forwarded-For`.
+    pub peer: IpAddr,
+    /// The chain a trusted proxy sent, kept in front of the peer.
+    pub chain: Option<&'a str>,
     pub proto: &'static str,
     /// The Host the client asked for, if any.
     pub client_host: Option<&'a HeaderValue>,
@@ -86,7 +91,14 @@ pub struct Forwarded<'a> {
 
 pub fn set_forwarded(headers: &mut HeaderMap, f: &Forwarded<'_>) {
     let ip = HeaderValue::from_str(&f.client_ip.to_string()).expect("an IP is a header value");
-    headers.insert(X_FORWARDED_FOR.clone(), ip.clone());
+    let chain = match f.chain {
+        Some(chain) => HeaderValue::from_str(&format!("{chain}, {}", f.peer)).ok(),
+        None => None,
+    };
+    let xff = chain.unwrap_or_else(|| {
+        HeaderValue::from_str(&f.peer.to_string()).expect("an IP is a header value")
+    });
+    headers.insert(X_FORWARDED_FOR.clone(), xff);
     headers.insert(X_REAL_IP.clone(), ip);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(f.proto));
     if let Some(host) = f.client_host {
@@ -196,6 +208,8 @@ mod tests {
             &mut h,
             &Forwarded {
                 client_ip: "127.0.0.9".parse().unwrap(),
+                peer: "127.0.0.9".parse().unwrap(),
+                chain: None,
                 proto: "http",
                 client_host: Some(&host),
             },
@@ -203,8 +217,24 @@ mod tests {
         assert!(!h.contains_key(&ident));
         assert!(!h.contains_key("forwarded"));
         assert_eq!(h["x-forwarded-for"], "127.0.0.9");
+        assert_eq!(h["x-real-ip"], "127.0.0.9");
         assert_eq!(h["x-forwarded-host"], "example.test");
         assert_eq!(h["x-forwarded-proto"], "http");
+
+        // Behind a trusted proxy: its chain is kept and the peer appended; X-Real-IP is the
+        // client it named.
+        set_forwarded(
+            &mut h,
+            &Forwarded {
+                client_ip: "203.0.113.5".parse().unwrap(),
+                peer: "10.0.0.2".parse().unwrap(),
+                chain: Some("203.0.113.5"),
+                proto: "https",
+                client_host: None,
+            },
+        );
+        assert_eq!(h["x-forwarded-for"], "203.0.113.5, 10.0.0.2");
+        assert_eq!(h["x-real-ip"], "203.0.113.5");
     }
 
     fn headers_config(override_backend: bool) -> crate::config::HeadersConfig {

@@ -6,7 +6,7 @@
 
 use std::convert::Infallible;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -34,6 +34,7 @@ use crate::ban::{Bans, Recorded};
 use crate::config::{Config, HostHeader, UpstreamProtocol};
 use crate::error::Reject;
 use crate::headers::{self, RequestIds, X_REQUEST_ID};
+use crate::ratelimit::Subject;
 use crate::state::Snapshot;
 use crate::streams::{CredId, StreamKind, Streams};
 use crate::tunnel::{self, Limits, Watch};
@@ -49,9 +50,15 @@ pub struct ConnInfo {
     pub activity: Arc<Activity>,
     /// The identity of the verified client certificate (mTLS), if any.
     pub client_cert: Option<Arc<str>>,
-    /// The connection's place under `max_connections`, held by whatever holds this (a
-    /// WebSocket tunnel outlives the HTTP connection it came from).
-    pub slot: OwnedSemaphorePermit,
+    /// The connection's place under `max_connections` and `max_connections_per_ip`, held by
+    /// whatever holds this (a WebSocket tunnel outlives the HTTP connection it came from).
+    pub slot: ConnSlot,
+}
+
+/// A connection's places under the connection limits, released on drop.
+pub struct ConnSlot {
+    pub _all: OwnedSemaphorePermit,
+    pub _per_ip: Option<crate::netpolicy::IpSlot>,
 }
 
 /// When a connection last moved bytes, and how many of its requests are unfinished.
@@ -189,13 +196,20 @@ pub struct Proxy {
     realm: Arc<str>,
     /// Live WebSocket tunnels and streaming responses, by credential.
     pub streams: Arc<Streams>,
+    /// Per-client rate limits.
+    pub rate: crate::ratelimit::RateLimits,
     limits: Limits,
     /// What the last reloads of the keys and htpasswd files did.
     pub reloads: crate::state::Reloads,
 }
 
 impl Proxy {
-    pub fn new(config: Arc<Config>, access: AccessLogger, streams: Arc<Streams>) -> Proxy {
+    pub fn new(
+        config: Arc<Config>,
+        access: AccessLogger,
+        streams: Arc<Streams>,
+        rate: crate::ratelimit::RateLimits,
+    ) -> Proxy {
         let up = &config.upstream;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -230,6 +244,7 @@ impl Proxy {
             ),
             realm: config.auth.realm.as_str().into(),
             streams,
+            rate,
             reloads: crate::state::Reloads::new(&config),
             limits: Limits {
                 idle: config.server.stream_idle_timeout,
@@ -279,6 +294,11 @@ impl Proxy {
         };
         if let Some(id) = ex.request_id.take() {
             resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
+        }
+        if let Some(decision) = &ex.rate {
+            for (name, value) in decision.headers() {
+                resp.headers_mut().insert(name, value);
+            }
         }
         headers::secure_response(resp.headers_mut(), &self.config.headers, self.tls);
         ex.record.status = resp.status().as_u16();
@@ -330,6 +350,9 @@ impl Proxy {
         }
         let path = crate::path::normalize(parts.uri.path()).map_err(|_| Reject::BadRequest)?;
         ex.record.path.clone_from(&path);
+        if !cfg.server.net.allows(ex.client) {
+            return Err(Reject::ForbiddenNetwork);
+        }
 
         let declared_len = match parts.headers.get(header::CONTENT_LENGTH) {
             None => None,
@@ -348,7 +371,7 @@ impl Proxy {
         let identity = if public {
             Identity::Anonymous
         } else {
-            self.authenticate(&parts.headers, conn).await?
+            self.authenticate(&parts.headers, conn, ex.client).await?
         };
         ex.record.identity = identity.name().map(str::to_owned);
         ex.record.key_fp = identity.fingerprint().map(str::to_owned);
@@ -356,6 +379,19 @@ impl Proxy {
         if let Identity::Key(key) = &identity {
             if !crate::authz::is_allowed(key.allow.as_deref(), &parts.method, &path) {
                 return Err(Reject::Forbidden);
+            }
+        }
+        let (per_second, burst) = match &identity {
+            Identity::Key(k) => (k.requests_per_second, k.burst),
+            _ => (None, None),
+        };
+        let subject = Subject::of(ex.cred.as_ref(), ex.client);
+        if let Some(decision) = self.rate.check(&subject, per_second, burst).await {
+            ex.rate = Some(decision);
+            if !decision.allowed {
+                return Err(Reject::RateLimited {
+                    retry_after: decision.retry_after,
+                });
             }
         }
 
@@ -389,6 +425,7 @@ impl Proxy {
                     .or_insert(HeaderValue::from_static("13"));
             }
         }
+        let forwarded_chain = cfg.server.net.incoming_chain(conn.peer.ip(), h);
         headers::strip_spoofable(h, &cfg.auth.identity_header);
         if !cfg.upstream.pass_credentials {
             for name in &cfg.auth.api_key_headers {
@@ -399,7 +436,9 @@ impl Proxy {
         headers::set_forwarded(
             h,
             &headers::Forwarded {
-                client_ip: conn.peer.ip(),
+                client_ip: ex.client,
+                peer: crate::netpolicy::canonical(conn.peer.ip()),
+                chain: forwarded_chain.as_deref(),
                 proto: self.proto,
                 client_host: client_host.as_ref(),
             },
@@ -485,15 +524,15 @@ impl Proxy {
         &self,
         headers: &http::HeaderMap,
         conn: &ConnInfo,
+        client: IpAddr,
     ) -> Result<Identity, Reject> {
         let now = Instant::now();
-        let client = conn.peer.ip();
         if let Some(left) = self.bans.banned_for(client, now) {
             return Err(Reject::Banned {
                 retry_after: left.as_secs_f64().ceil() as u64,
             });
         }
-        let result = self.check_credentials(headers, conn, now).await;
+        let result = self.check_credentials(headers, conn, client, now).await;
         if let Err(reject) = &result {
             if reject.counts_toward_ban() {
                 if let Recorded::BanStarted(d) = self.bans.record_failure(client, now) {
@@ -508,9 +547,9 @@ impl Proxy {
         &self,
         headers: &http::HeaderMap,
         conn: &ConnInfo,
+        client: IpAddr,
         now: Instant,
     ) -> Result<Identity, Reject> {
-        let client = conn.peer.ip();
         let snapshot = self.snapshot.load();
         let cfg = &self.config.auth;
         let auth = Authenticator {
@@ -701,6 +740,10 @@ pub struct Exchange {
     grpc: bool,
     /// Both halves of an accepted WebSocket upgrade: the client's and the backend's.
     tunnel: Option<(hyper::upgrade::OnUpgrade, hyper::upgrade::OnUpgrade)>,
+    /// The client: the socket peer, or what a trusted proxy says it forwarded for.
+    client: IpAddr,
+    /// The rate limit verdict, for the `RateLimit` headers.
+    rate: Option<crate::ratelimit::Decision>,
 }
 
 impl Exchange {
@@ -719,6 +762,7 @@ impl Exchange {
                 .map(str::to_owned)
         };
         let unread_body = !req.body().is_end_stream();
+        let client = proxy.config.server.net.client_ip(conn.peer.ip(), headers);
         let grpc = headers
             .get(header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
@@ -728,7 +772,7 @@ impl Exchange {
             activity: conn.activity.clone(),
             record: Record {
                 time: SystemTime::now(),
-                client: conn.peer.ip(),
+                client,
                 method: req.method().as_str().to_owned(),
                 // Until the path is normalised: the raw path, never the query.
                 path: req.uri().path().to_owned(),
@@ -749,6 +793,8 @@ impl Exchange {
             cred: None,
             grpc,
             tunnel: None,
+            client,
+            rate: None,
         }
     }
 }

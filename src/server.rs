@@ -16,7 +16,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
+
+use crate::proxy::ConnSlot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -74,7 +76,9 @@ impl Server {
         let tracker = TaskTracker::new();
         let force = CancellationToken::new();
         let streams = Arc::new(crate::streams::Streams::new(tracker.clone(), force.clone()));
-        let proxy = Arc::new(Proxy::new(config.clone(), access, streams));
+        let rate = crate::ratelimit::RateLimits::new(&config.rate_limit)
+            .map_err(|e| anyhow::anyhow!("[rate_limit] {e}"))?;
+        let proxy = Arc::new(Proxy::new(config.clone(), access, streams, rate));
         let resolver = config
             .tls
             .as_ref()
@@ -139,6 +143,10 @@ impl Server {
 
         let ctx = Accept {
             limit: Arc::new(Semaphore::new(config.server.max_connections)),
+            gate: Some((
+                config.server.net.clone(),
+                crate::netpolicy::PerIp::new(config.server.max_connections_per_ip),
+            )),
             shutdown: server.shutdown.clone(),
             force: server.force.clone(),
             tracker: server.tracker.clone(),
@@ -146,6 +154,7 @@ impl Server {
         };
         let admin_ctx = Accept {
             limit: Arc::new(Semaphore::new(64)),
+            gate: None,
             ..ctx.clone()
         };
         let acceptor = match (&config.tls, &resolver) {
@@ -158,10 +167,7 @@ impl Server {
         let handshake_timeout = config.server.header_read_timeout;
         let serve = {
             let ctx = ctx.clone();
-            move |stream: TcpStream,
-                  peer: SocketAddr,
-                  activity: Arc<Activity>,
-                  permit: OwnedSemaphorePermit| {
+            move |stream: TcpStream, peer: SocketAddr, activity: Arc<Activity>, permit: ConnSlot| {
                 let proxy = proxy.clone();
                 let builder = builder.clone();
                 let io = ActivityIo::new(stream, activity.clone());
@@ -227,6 +233,7 @@ impl Server {
             let https_port = local_addr.port();
             let redirect_ctx = Accept {
                 limit: Arc::new(Semaphore::new(config.server.max_connections)),
+                gate: None,
                 ..ctx.clone()
             };
             let serve = redirect_ctx
@@ -253,6 +260,7 @@ impl Server {
                 housekeeping.revoke_expired(since, now);
                 since = now;
                 if n % 10 == 9 {
+                    housekeeping.rate.housekeep();
                     let ended = housekeeping.bans.housekeep(std::time::Instant::now());
                     if ended > 0 {
                         tracing::info!(event = "ban_end", count = ended, "bans expired");
@@ -321,6 +329,8 @@ impl Server {
 #[derive(Clone)]
 struct Accept {
     limit: Arc<Semaphore>,
+    /// The public listener's network policy and per-address connection limit.
+    gate: Option<(crate::netpolicy::NetPolicy, Arc<crate::netpolicy::PerIp>)>,
     shutdown: CancellationToken,
     force: CancellationToken,
     tracker: TaskTracker,
@@ -332,7 +342,7 @@ impl Accept {
     /// Accept errors (EMFILE and the like) back off and never end the loop.
     async fn accept_loop<F, Fut>(self, listener: TcpListener, name: &'static str, serve: F)
     where
-        F: Fn(TcpStream, SocketAddr, Arc<Activity>, OwnedSemaphorePermit) -> Fut,
+        F: Fn(TcpStream, SocketAddr, Arc<Activity>, ConnSlot) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let mut backoff = Duration::from_millis(5);
@@ -357,10 +367,33 @@ impl Accept {
                     continue;
                 }
             };
+            // Before any byte is read (and before TLS): the network policy, then the limits.
+            let mut ip_slot = None;
+            if let Some((net, per_ip)) = &self.gate {
+                let ip = peer.ip();
+                let trusted = net.is_trusted(ip);
+                if !trusted && !net.allows(ip) {
+                    tracing::debug!(listener = name, peer = %peer, "client network not in allow_cidrs; closing connection");
+                    continue;
+                }
+                if !trusted {
+                    match per_ip.take(ip) {
+                        Some(slot) => ip_slot = Some(slot),
+                        None => {
+                            tracing::debug!(listener = name, peer = %peer, "max_connections_per_ip reached; closing new connection");
+                            continue;
+                        }
+                    }
+                }
+            }
             let Ok(permit) = self.limit.clone().try_acquire_owned() else {
                 tracing::debug!(listener = name, peer = %peer, "connection limit reached; closing new connection");
                 drop(stream);
                 continue;
+            };
+            let permit = ConnSlot {
+                _all: permit,
+                _per_ip: ip_slot,
             };
             let _ = stream.set_nodelay(true);
             let activity = Arc::new(Activity::new());
@@ -451,17 +484,14 @@ impl Accept {
     fn http1<H, Fut>(
         self,
         handler: H,
-    ) -> impl Fn(TcpStream, SocketAddr, Arc<Activity>, OwnedSemaphorePermit) -> BoxFuture + Clone
+    ) -> impl Fn(TcpStream, SocketAddr, Arc<Activity>, ConnSlot) -> BoxFuture + Clone
     where
         H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
         Fut: std::future::Future<Output = Result<Response<Full<Bytes>>, std::convert::Infallible>>
             + Send
             + 'static,
     {
-        move |stream: TcpStream,
-              peer: SocketAddr,
-              activity: Arc<Activity>,
-              permit: OwnedSemaphorePermit| {
+        move |stream: TcpStream, peer: SocketAddr, activity: Arc<Activity>, permit: ConnSlot| {
             let io = TokioIo::new(ActivityIo::new(stream, activity.clone()));
             let svc = service_fn(handler.clone());
             let ctx = self.clone();

@@ -36,6 +36,8 @@ struct RawKey {
     allow: Option<Vec<Spanned<String>>>,
     expires: Option<Spanned<toml::Value>>,
     description: Option<String>,
+    requests_per_second: Option<Spanned<i64>>,
+    burst: Option<Spanned<i64>>,
 }
 
 /// One entry of the keys file.
@@ -50,6 +52,9 @@ pub struct ApiKey {
     /// `None`: every method and path.
     pub allow: Option<Vec<Rule>>,
     pub description: Option<String>,
+    /// Overrides of `[rate_limit]` for this key.
+    pub requests_per_second: Option<u32>,
+    pub burst: Option<u32>,
 }
 
 impl ApiKey {
@@ -217,6 +222,19 @@ impl KeySet {
                 }
                 allow = Some(rules);
             }
+            let mut limit = |v: &Option<Spanned<i64>>, field: &str| match v {
+                None => None,
+                Some(n) if (1..=1_000_000).contains(n.get_ref()) => Some(*n.get_ref() as u32),
+                Some(n) => {
+                    err(
+                        n.span().start,
+                        format!("{field} of \"{name}\" must be between 1 and 1000000"),
+                    );
+                    None
+                }
+            };
+            let requests_per_second = limit(&raw.requests_per_second, "requests_per_second");
+            let burst = limit(&raw.burst, "burst");
             let line_of = |offset: usize| src.at(offset, "").line;
             if let Some(first) = seen.get(&digest) {
                 err(at, format!("key \"{name}\" is the same key as the entry on line {}; each key may appear once", line_of(*first)));
@@ -233,6 +251,8 @@ impl KeySet {
                     expires,
                     allow,
                     description: raw.description,
+                    requests_per_second,
+                    burst,
                 }),
             );
         }

@@ -53,8 +53,9 @@ async fn proxy_with_keys_at(backend_url: &str, keys: &Path) -> Proxy {
     Proxy::start_with(&format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
          [upstream]\nurl = \"{backend_url}\"\n[auth]\nkeys_file = \"{}\"\n\
-         # Polling with a key not loaded yet must not get the test client banned.\n\
-         [ban]\nenabled = false\n",
+         # Polling with a key not loaded yet must not get the test client banned, and the\n\
+         # load loop must not be rate limited.\n\
+         [ban]\nenabled = false\n[rate_limit]\nenabled = false\n",
         keys.display()
     ))
     .await

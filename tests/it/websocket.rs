@@ -220,7 +220,12 @@ async fn a_refused_handshake_never_reaches_the_backend() {
 #[tokio::test]
 async fn two_hundred_concurrent_sessions_through_one_proxy() {
     let backend = EchoBackend::start().await;
-    let proxy = Proxy::start(&backend.url(), "").await;
+    // Every session comes from 127.0.0.1 with one key: lift the per-client limits.
+    let proxy = Proxy::with_server(
+        &backend.url(),
+        "max_connections_per_ip = 1000\n[rate_limit]\nenabled = false",
+    )
+    .await;
     let proxy = Arc::new(proxy);
     let mut sessions = Vec::new();
     for i in 0..200 {
