@@ -257,8 +257,13 @@ impl Proxy {
     /// Start a proxy from a complete config. `[auth] keys_file = "keys.toml"` is added unless
     /// the text has an [auth] section; the access log goes to `access.log` unless [log] is set.
     pub async fn start_with(config: &str) -> Proxy {
+        Proxy::start_with_keys(config, &keys_file()).await
+    }
+
+    /// As [`Proxy::start_with`], with `keys` as keys.toml.
+    pub async fn start_with_keys(config: &str, keys: &str) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("keys.toml"), keys_file()).unwrap();
+        std::fs::write(dir.path().join("keys.toml"), keys).unwrap();
         let mut text = config.to_string();
         if !text.contains("[auth]") {
             text.push_str("\n[auth]\nkeys_file = \"keys.toml\"\n");

@@ -1,0 +1,156 @@
+//! Shared rate limits through a real `redis-server` on loopback.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::support::*;
+
+/// A `redis-server` on a free loopback port, without persistence; killed on drop.
+struct Redis {
+    port: u16,
+    child: Option<Child>,
+    binary: std::path::PathBuf,
+}
+
+impl Redis {
+    fn start() -> Option<Redis> {
+        let binary = find_tool("redis-server", "redis-server")?;
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = Redis {
+            port,
+            child: None,
+            binary,
+        };
+        r.spawn();
+        Some(r)
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(&self.binary)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn shared_proxy(backend: &Backend, redis: &Redis, failure: &str) -> Proxy {
+    Proxy::start_with(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [upstream]\nurl = \"{}\"\n[auth]\nkeys_file = \"keys.toml\"\n\
+         [rate_limit]\nrequests_per_second = 1\nburst = 4\nbackend = \"redis\"\n\
+         redis_url = \"{}\"\nredis_failure = \"{failure}\"\nredis_timeout = \"200ms\"\n",
+        backend.url(),
+        redis.url()
+    ))
+    .await
+}
+
+async fn status(proxy: &Proxy) -> u16 {
+    get(&proxy.url("/api"), &[("x-api-key", PROD_KEY)])
+        .await
+        .status
+        .as_u16()
+}
+
+#[tokio::test]
+async fn two_proxies_sharing_redis_enforce_one_limit_together() {
+    let Some(redis) = Redis::start() else { return };
+    let backend = Backend::ok().await;
+    let a = shared_proxy(&backend, &redis, "allow").await;
+    let b = shared_proxy(&backend, &redis, "allow").await;
+    let mut allowed = 0;
+    for _ in 0..4 {
+        for proxy in [&a, &b] {
+            if status(proxy).await == 200 {
+                allowed += 1;
+            }
+        }
+    }
+    // Burst 4 between them (a fifth if a second passed meanwhile), not 4 each.
+    assert!((4..=5).contains(&allowed), "{allowed} of 8 allowed");
+    let r = get(&a.url("/api"), &[("x-api-key", PROD_KEY)]).await;
+    assert_eq!(r.status, 429);
+    assert!(r.headers.contains_key("retry-after"));
+    // Another key has its own shared budget.
+    assert_eq!(
+        get(&b.url("/api"), &[("x-api-key", WEB_KEY)]).await.status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn losing_redis_follows_the_failure_policy_and_limits_resume_when_it_returns() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let backend = Backend::ok().await;
+    let allow = shared_proxy(&backend, &redis, "allow").await;
+    let deny = shared_proxy(&backend, &redis, "deny").await;
+    // Spend the shared budget so that only Redis's verdict can let requests through.
+    for _ in 0..20 {
+        if status(&allow).await == 429 {
+            break;
+        }
+    }
+    assert_eq!(status(&allow).await, 429);
+    assert_eq!(status(&deny).await, 429);
+
+    redis.kill();
+    // allow: requests pass without Redis; deny: refused.
+    for _ in 0..3 {
+        assert_eq!(status(&allow).await, 200, "redis_failure = allow");
+        assert_eq!(status(&deny).await, 429, "redis_failure = deny");
+    }
+    let errors = match &allow.server.as_ref().unwrap().proxy().rate {
+        portcullis::ratelimit::RateLimits::Shared { shared, .. } => {
+            shared.errors.load(std::sync::atomic::Ordering::Relaxed)
+        }
+        _ => panic!("not the shared limiter"),
+    };
+    assert!(errors >= 3, "failed calls are counted: {errors}");
+
+    redis.spawn();
+    // Limits resume: within the deadline the allow-policy proxy refuses again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while status(&allow).await != 429 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "limiting never resumed after Redis came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
