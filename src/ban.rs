@@ -140,6 +140,23 @@ impl Bans {
         Recorded::Counted
     }
 
+    /// Ban `ip` until `now + left` (a ban another replica started, learned through Redis).
+    pub fn mirror(&self, ip: IpAddr, now: Instant, left: Duration) {
+        if !self.config.enabled {
+            return;
+        }
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if table.len() >= MAX_TRACKED {
+            self.make_room(&mut table, now);
+        }
+        let entry = table.entry(ClientKey::of(ip)).or_default();
+        entry.last_seen = Some(now);
+        if entry.banned_until.is_none() {
+            self.active.fetch_add(1, Ordering::Relaxed);
+        }
+        entry.banned_until = Some(now + left);
+    }
+
     /// Forget expired bans and stale counters. Returns how many bans ended.
     pub fn housekeep(&self, now: Instant) -> usize {
         let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());

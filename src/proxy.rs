@@ -198,6 +198,8 @@ pub struct Proxy {
     pub streams: Arc<Streams>,
     /// Per-client rate limits.
     pub rate: crate::ratelimit::RateLimits,
+    /// Bans every replica shares, when Redis is configured.
+    shared_bans: Option<crate::ratelimit::SharedBans>,
     limits: Limits,
     /// What the last reloads of the keys and htpasswd files did.
     pub reloads: crate::state::Reloads,
@@ -209,6 +211,7 @@ impl Proxy {
         access: AccessLogger,
         streams: Arc<Streams>,
         rate: crate::ratelimit::RateLimits,
+        shared_bans: Option<crate::ratelimit::SharedBans>,
     ) -> Proxy {
         let up = &config.upstream;
         let mut connector = HttpConnector::new();
@@ -245,6 +248,7 @@ impl Proxy {
             realm: config.auth.realm.as_str().into(),
             streams,
             rate,
+            shared_bans,
             reloads: crate::state::Reloads::new(&config),
             limits: Limits {
                 idle: config.server.stream_idle_timeout,
@@ -527,16 +531,37 @@ impl Proxy {
         client: IpAddr,
     ) -> Result<Identity, Reject> {
         let now = Instant::now();
+        let banned = |left: std::time::Duration| Reject::Banned {
+            retry_after: left.as_secs_f64().ceil() as u64,
+        };
         if let Some(left) = self.bans.banned_for(client, now) {
-            return Err(Reject::Banned {
-                retry_after: left.as_secs_f64().ceil() as u64,
-            });
+            return Err(banned(left));
+        }
+        if let Some(shared) = &self.shared_bans {
+            if let Some(left) = shared.banned_for(client).await {
+                // Banned by another replica: remember it here too.
+                self.bans.mirror(client, now, left);
+                return Err(banned(left));
+            }
         }
         let result = self.check_credentials(headers, conn, client, now).await;
         if let Err(reject) = &result {
             if reject.counts_toward_ban() {
-                if let Recorded::BanStarted(d) = self.bans.record_failure(client, now) {
-                    tracing::warn!(event = "ban_start", client = %client, duration = ?d, failures = self.bans.config().failures, "client banned after repeated authentication failures");
+                let local = self.bans.record_failure(client, now);
+                let shared = match &self.shared_bans {
+                    Some(shared) => shared.record_failure(client).await,
+                    None => None,
+                };
+                let started = match (local, shared) {
+                    (_, Some(d)) => {
+                        self.bans.mirror(client, now, d);
+                        Some(d)
+                    }
+                    (Recorded::BanStarted(d), None) => Some(d),
+                    _ => None,
+                };
+                if let Some(d) = started {
+                    tracing::warn!(event = "ban_start", client = %client, duration = ?d, failures = self.bans.config().failures, shared = self.shared_bans.is_some(), "client banned after repeated authentication failures");
                 }
             }
         }

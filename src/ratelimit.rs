@@ -286,29 +286,63 @@ local remaining = math.floor((now + tolerance - new_tat) / interval)
 return {1, remaining, 0, math.floor(new_tat - now)}
 "#;
 
-/// Limits shared through Redis.
-pub struct Shared {
+/// One Redis server, connected lazily and reconnected by the connection manager; while it is
+/// down, a new connection is tried at most once a second.
+pub struct RedisLink {
     config: RedisConfig,
     client: redis::Client,
     conn: tokio::sync::Mutex<Option<redis::aio::ConnectionManager>>,
-    script: redis::Script,
+    last_connect_attempt: Mutex<Option<std::time::Instant>>,
     /// Calls that failed (Redis unreachable, timed out, or refused the script).
     pub errors: AtomicU64,
-    last_connect_attempt: Mutex<Option<std::time::Instant>>,
 }
 
-impl Shared {
-    pub fn new(config: RedisConfig) -> Result<Shared, String> {
+impl RedisLink {
+    pub fn new(config: RedisConfig) -> Result<RedisLink, String> {
         let client =
             redis::Client::open(config.url.as_str()).map_err(|e| format!("redis_url: {e}"))?;
-        Ok(Shared {
+        Ok(RedisLink {
             config,
             client,
             conn: tokio::sync::Mutex::new(None),
-            script: redis::Script::new(GCRA_LUA),
-            errors: AtomicU64::new(0),
             last_connect_attempt: Mutex::new(None),
+            errors: AtomicU64::new(0),
         })
+    }
+
+    pub fn failure_policy(&self) -> RedisFailure {
+        self.config.failure
+    }
+
+    /// Run `script` with `key` and `args`, within `redis_timeout`.
+    pub async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        script: &redis::Script,
+        key: &str,
+        args: &[String],
+    ) -> Result<T, String> {
+        let Some(mut conn) = self.connection().await else {
+            return Err(self.failed("no connection".into()));
+        };
+        let mut invocation = script.key(key);
+        for a in args {
+            invocation.arg(a);
+        }
+        let call = invocation.invoke_async::<T>(&mut conn);
+        match tokio::time::timeout(self.config.timeout, call).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => Err(self.failed(e.to_string())),
+            Err(_) => Err(self.failed("timed out".into())),
+        }
+    }
+
+    fn failed(&self, e: String) -> String {
+        let n = self.errors.fetch_add(1, Ordering::Relaxed);
+        // One line per hundred failures: a Redis outage must not flood the log.
+        if n % 100 == 0 {
+            tracing::error!(event = "redis", error = %e, policy = ?self.config.failure, failures = n + 1, "Redis call failed");
+        }
+        e
     }
 
     async fn connection(&self) -> Option<redis::aio::ConnectionManager> {
@@ -355,6 +389,21 @@ impl Shared {
             }
         }
     }
+}
+
+/// Limits shared through Redis.
+pub struct Shared {
+    pub link: Arc<RedisLink>,
+    script: redis::Script,
+}
+
+impl Shared {
+    pub fn new(link: Arc<RedisLink>) -> Shared {
+        Shared {
+            link,
+            script: redis::Script::new(GCRA_LUA),
+        }
+    }
 
     pub async fn check(&self, subject: &Subject, quota: Quota) -> Decision {
         let key = format!(
@@ -364,19 +413,11 @@ impl Shared {
             quota.burst
         );
         let interval_us = 1_000_000f64 / f64::from(quota.per_second.max(1));
-        let result = match self.connection().await {
-            None => Err("no connection".to_string()),
-            Some(mut conn) => {
-                let mut invocation = self.script.key(&key);
-                invocation.arg(interval_us).arg(quota.burst);
-                let call = invocation.invoke_async::<(i64, i64, i64, i64)>(&mut conn);
-                match tokio::time::timeout(self.config.timeout, call).await {
-                    Ok(Ok(r)) => Ok(r),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err("timed out".to_string()),
-                }
-            }
-        };
+        let args = [interval_us.to_string(), quota.burst.to_string()];
+        let result = self
+            .link
+            .invoke::<(i64, i64, i64, i64)>(&self.script, &key, &args)
+            .await;
         let secs = |us: i64| (us.max(0) as u64).div_ceil(1_000_000);
         match result {
             Ok((allowed, remaining, retry_us, reset_us)) => Decision {
@@ -390,13 +431,8 @@ impl Shared {
                 },
                 reset: secs(reset_us),
             },
-            Err(e) => {
-                let n = self.errors.fetch_add(1, Ordering::Relaxed);
-                // One line per hundred failures: a Redis outage must not flood the log.
-                if n % 100 == 0 {
-                    tracing::error!(event = "redis", error = %e, policy = ?self.config.failure, failures = n + 1, "shared rate limit unavailable");
-                }
-                let allowed = self.config.failure == RedisFailure::Allow;
+            Err(_) => {
+                let allowed = self.link.failure_policy() == RedisFailure::Allow;
                 Decision {
                     allowed,
                     quota,
@@ -409,6 +445,83 @@ impl Shared {
     }
 }
 
+/// Bans shared through Redis: failures are counted and bans set there, so a client banned by
+/// one replica is banned by all. Each replica also keeps its own [`crate::ban::Bans`], which
+/// mirrors shared bans and carries on alone while Redis is unreachable.
+pub struct SharedBans {
+    link: Arc<RedisLink>,
+    config: crate::ban::BanConfig,
+    record: redis::Script,
+    check: redis::Script,
+}
+
+/// KEYS[1]: the ban key. Returns the ban's remaining milliseconds, or 0.
+const BAN_CHECK_LUA: &str = r#"
+local left = redis.call('PTTL', KEYS[1])
+if left > 0 then return left end
+return 0
+"#;
+
+/// KEYS[1]: the client's key prefix. ARGV: failures, window ms, duration ms. Returns the ban's
+/// duration in ms when this failure started one, else 0.
+const BAN_RECORD_LUA: &str = r#"
+local fails = KEYS[1] .. ':fail'
+local ban = KEYS[1] .. ':ban'
+if redis.call('PTTL', ban) > 0 then return 0 end
+local n = redis.call('INCR', fails)
+if n == 1 then redis.call('PEXPIRE', fails, ARGV[2]) end
+if n >= tonumber(ARGV[1]) then
+  redis.call('DEL', fails)
+  redis.call('SET', ban, '1', 'PX', ARGV[3])
+  return tonumber(ARGV[3])
+end
+return 0
+"#;
+
+impl SharedBans {
+    pub fn new(link: Arc<RedisLink>, config: crate::ban::BanConfig) -> SharedBans {
+        SharedBans {
+            link,
+            config,
+            record: redis::Script::new(BAN_RECORD_LUA),
+            check: redis::Script::new(BAN_CHECK_LUA),
+        }
+    }
+
+    fn prefix(ip: IpAddr) -> String {
+        format!(
+            "portcullis:ban:{}",
+            Subject::Address(ClientKey::of(ip)).redis_id()
+        )
+    }
+
+    /// How much longer `ip` is banned by any replica (`None` also when Redis cannot say).
+    pub async fn banned_for(&self, ip: IpAddr) -> Option<Duration> {
+        let key = format!("{}:ban", SharedBans::prefix(ip));
+        match self.link.invoke::<i64>(&self.check, &key, &[]).await {
+            Ok(ms) if ms > 0 => Some(Duration::from_millis(ms as u64)),
+            _ => None,
+        }
+    }
+
+    /// Count a failure everywhere; `Some(duration)` when it started a ban.
+    pub async fn record_failure(&self, ip: IpAddr) -> Option<Duration> {
+        let args = [
+            self.config.failures.to_string(),
+            self.config.window.as_millis().to_string(),
+            self.config.duration.as_millis().to_string(),
+        ];
+        match self
+            .link
+            .invoke::<i64>(&self.record, &SharedBans::prefix(ip), &args)
+            .await
+        {
+            Ok(ms) if ms > 0 => Some(Duration::from_millis(ms as u64)),
+            _ => None,
+        }
+    }
+}
+
 /// The configured limiter.
 pub enum RateLimits {
     Off,
@@ -417,20 +530,21 @@ pub enum RateLimits {
 }
 
 impl RateLimits {
-    pub fn new(config: &RateLimitConfig) -> Result<RateLimits, String> {
+    /// `link`: the Redis server, when `backend = "redis"`.
+    pub fn new(config: &RateLimitConfig, link: Option<Arc<RedisLink>>) -> RateLimits {
         if !config.enabled {
-            return Ok(RateLimits::Off);
+            return RateLimits::Off;
         }
-        Ok(match &config.redis {
+        match link {
             None => RateLimits::Local {
                 default: config.default,
                 local: Local::new(),
             },
-            Some(redis) => RateLimits::Shared {
+            Some(link) => RateLimits::Shared {
                 default: config.default,
-                shared: Box::new(Shared::new(redis.clone())?),
+                shared: Box::new(Shared::new(link)),
             },
-        })
+        }
     }
 
     /// Limit `subject`, with a key's own quota fields over the defaults. `None` when off.

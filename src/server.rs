@@ -76,9 +76,24 @@ impl Server {
         let tracker = TaskTracker::new();
         let force = CancellationToken::new();
         let streams = Arc::new(crate::streams::Streams::new(tracker.clone(), force.clone()));
-        let rate = crate::ratelimit::RateLimits::new(&config.rate_limit)
-            .map_err(|e| anyhow::anyhow!("[rate_limit] {e}"))?;
-        let proxy = Arc::new(Proxy::new(config.clone(), access, streams, rate));
+        let link = match &config.rate_limit.redis {
+            Some(r) => Some(Arc::new(
+                crate::ratelimit::RedisLink::new(r.clone())
+                    .map_err(|e| anyhow::anyhow!("[rate_limit] {e}"))?,
+            )),
+            None => None,
+        };
+        let rate = crate::ratelimit::RateLimits::new(&config.rate_limit, link.clone());
+        let shared_bans = link
+            .filter(|_| config.ban.enabled)
+            .map(|l| crate::ratelimit::SharedBans::new(l, config.ban));
+        let proxy = Arc::new(Proxy::new(
+            config.clone(),
+            access,
+            streams,
+            rate,
+            shared_bans,
+        ));
         let resolver = config
             .tls
             .as_ref()

@@ -71,6 +71,7 @@ async fn shared_proxy(backend: &Backend, redis: &Redis, failure: &str) -> Proxy 
     Proxy::start_with(&format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
          [upstream]\nurl = \"{}\"\n[auth]\nkeys_file = \"keys.toml\"\n\
+         [ban]\nfailures = 3\n\
          [rate_limit]\nrequests_per_second = 1\nburst = 4\nbackend = \"redis\"\n\
          redis_url = \"{}\"\nredis_failure = \"{failure}\"\nredis_timeout = \"200ms\"\n",
         backend.url(),
@@ -136,9 +137,10 @@ async fn losing_redis_follows_the_failure_policy_and_limits_resume_when_it_retur
         assert_eq!(status(&deny).await, 429, "redis_failure = deny");
     }
     let errors = match &allow.server.as_ref().unwrap().proxy().rate {
-        portcullis::ratelimit::RateLimits::Shared { shared, .. } => {
-            shared.errors.load(std::sync::atomic::Ordering::Relaxed)
-        }
+        portcullis::ratelimit::RateLimits::Shared { shared, .. } => shared
+            .link
+            .errors
+            .load(std::sync::atomic::Ordering::Relaxed),
         _ => panic!("not the shared limiter"),
     };
     assert!(errors >= 3, "failed calls are counted: {errors}");
@@ -153,4 +155,23 @@ async fn losing_redis_follows_the_failure_policy_and_limits_resume_when_it_retur
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn a_client_banned_through_one_proxy_is_banned_by_the_other() {
+    let Some(redis) = Redis::start() else { return };
+    let backend = Backend::ok().await;
+    let a = shared_proxy(&backend, &redis, "allow").await;
+    let b = shared_proxy(&backend, &redis, "allow").await;
+    let wrong = [("x-api-key", "mas_wrong_key_0000000000000000")];
+    // Three failures between the two proxies (failures = 3): two at a, one at b.
+    for proxy in [&a, &a, &b] {
+        assert_eq!(get(&proxy.url("/api"), &wrong).await.status, 401);
+    }
+    for proxy in [&a, &b] {
+        let r = get(&proxy.url("/api"), &[("x-api-key", WEB_KEY)]).await;
+        assert_eq!(r.status, 429);
+        assert_eq!(r.error_code(), "banned");
+    }
+    assert_eq!(backend.count(), 0);
 }
