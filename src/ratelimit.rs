@@ -209,13 +209,14 @@ where
         decision
     }
 
-    /// Clean a crowded limiter, at most once a second.
+    /// Clean a crowded limiter, at most every 100 ms: under a flood of new addresses, memory
+    /// is bounded by the addresses seen in the last fraction of a second.
     fn clean_soon(&self, limiter: &Limiter<C>) {
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         let last = self.last_clean.load(Ordering::Relaxed);
-        if stamp.saturating_sub(last) >= 1000
+        if stamp.saturating_sub(last) >= 100
             && self
                 .last_clean
                 .compare_exchange(last, stamp, Ordering::Relaxed, Ordering::Relaxed)
