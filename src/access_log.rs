@@ -101,30 +101,32 @@ fn clf_time(t: SystemTime) -> String {
     )
 }
 
+/// What the writer thread is asked to do.
+enum Msg {
+    Line(String),
+    /// Reopen the file (logrotate moved it away): SIGUSR1.
+    Reopen,
+}
+
 /// Hands access log lines to the writer thread.
 #[derive(Clone)]
 pub struct AccessLogger {
-    tx: Option<SyncSender<String>>,
+    tx: Option<SyncSender<Msg>>,
     format: AccessFormat,
 }
 
 impl AccessLogger {
     /// Open the destination (a file is created or appended to) and start the writer thread.
     pub fn open(dest: &AccessLog, format: AccessFormat) -> std::io::Result<AccessLogger> {
-        let out: Box<dyn Write + Send> = match dest {
+        let (out, path): (Box<dyn Write + Send>, _) = match dest {
             AccessLog::Off => return Ok(AccessLogger { tx: None, format }),
-            AccessLog::Stdout => Box::new(std::io::stdout()),
-            AccessLog::File(p) => Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)?,
-            ),
+            AccessLog::Stdout => (Box::new(std::io::stdout()), None),
+            AccessLog::File(p) => (Box::new(open_append(p)?), Some(p.clone())),
         };
-        let (tx, rx) = sync_channel::<String>(16 * 1024);
+        let (tx, rx) = sync_channel::<Msg>(16 * 1024);
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || write_lines(rx, out))?;
+            .spawn(move || write_lines(rx, out, path))?;
         Ok(AccessLogger {
             tx: Some(tx),
             format,
@@ -144,17 +146,48 @@ impl AccessLogger {
             AccessFormat::Json => record.to_json(),
             AccessFormat::Combined => record.to_combined(),
         };
-        let _ = tx.send(line);
+        let _ = tx.send(Msg::Line(line));
+    }
+
+    /// Reopen a file destination (no effect on stdout or off).
+    pub fn reopen(&self) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Msg::Reopen);
+        }
     }
 }
 
-fn write_lines(rx: Receiver<String>, out: Box<dyn Write + Send>) {
+fn open_append(p: &std::path::Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p)
+}
+
+fn write_lines(rx: Receiver<Msg>, out: Box<dyn Write + Send>, path: Option<std::path::PathBuf>) {
     let mut out = BufWriter::new(out);
-    while let Ok(line) = rx.recv() {
-        let _ = writeln!(out, "{line}");
-        // Write what is queued, then flush, so a quiet proxy's lines appear at once.
-        while let Ok(line) = rx.try_recv() {
+    let handle = |msg: Msg, out: &mut BufWriter<Box<dyn Write + Send>>| match msg {
+        Msg::Line(line) => {
             let _ = writeln!(out, "{line}");
+        }
+        Msg::Reopen => {
+            let _ = out.flush();
+            if let Some(p) = &path {
+                match open_append(p) {
+                    Ok(f) => *out = BufWriter::new(Box::new(f)),
+                    // Keep writing to the old file rather than lose lines.
+                    Err(e) => {
+                        tracing::error!(path = %p.display(), error = %e, "cannot reopen the access log; still writing to the old file")
+                    }
+                }
+            }
+        }
+    };
+    while let Ok(msg) = rx.recv() {
+        handle(msg, &mut out);
+        // Write what is queued, then flush, so a quiet proxy's lines appear at once.
+        while let Ok(msg) = rx.try_recv() {
+            handle(msg, &mut out);
         }
         let _ = out.flush();
     }

@@ -45,6 +45,7 @@ struct RawRateLimit {
     burst: S<i64>,
     backend: Option<Spanned<RateLimitBackend>>,
     redis_url: S<String>,
+    redis_url_file: S<String>,
     redis_failure: Option<crate::ratelimit::RedisFailure>,
     redis_timeout: S<String>,
 }
@@ -200,6 +201,17 @@ pub enum AccessLog {
     Stdout,
     Off,
     File(PathBuf),
+}
+
+/// A value written as `"${NAME}"` is read from the environment variable NAME; anything else is
+/// taken as it is.
+fn secret_from_env(v: &str) -> Result<String, String> {
+    match v.strip_prefix("${").and_then(|r| r.strip_suffix('}')) {
+        None => Ok(v.to_string()),
+        Some(name) => std::env::var(name).map_err(|_| {
+            format!("environment variable {name} is not set (the value is \"${{{name}}}\")")
+        }),
+    }
 }
 
 /// A validated configuration. Every file it names has been read and checked.
@@ -948,10 +960,47 @@ impl Validator<'_> {
             "redis_timeout",
             Duration::from_millis(100),
         );
-        let redis = match (r.backend.as_ref().map(|b| *b.get_ref()), &r.redis_url) {
+        // The URL may carry a password: it can come from a file (a Docker or Kubernetes
+        // secret) or an environment variable instead of this file, and is never echoed.
+        let url_source = match (&r.redis_url, &r.redis_url_file) {
+            (Some(_), Some(f)) => {
+                self.err(f, "set redis_url or redis_url_file, not both");
+                None
+            }
+            (Some(u), None) => Some(u.clone()),
+            (None, Some(f)) => {
+                let path = self.path(f.get_ref());
+                match std::fs::read_to_string(&path) {
+                    Ok(text) => Some(Spanned::new(f.span(), text.trim().to_string())),
+                    Err(e) => {
+                        self.err(
+                            f,
+                            format!("redis_url_file: cannot read {}: {e}", path.display()),
+                        );
+                        None
+                    }
+                }
+            }
+            (None, None) => None,
+        };
+        let url_source = match url_source {
+            Some(u) => match secret_from_env(u.get_ref()) {
+                Ok(v) => Some(Spanned::new(u.span(), v)),
+                Err(e) => {
+                    self.err(&u, e);
+                    None
+                }
+            },
+            None => None,
+        };
+        let backend = r.backend.as_ref().map(|b| *b.get_ref());
+        let redis = match (backend, &url_source) {
             (Some(RateLimitBackend::Redis), Some(url)) => {
-                if let Err(e) = redis::Client::open(url.get_ref().as_str()) {
-                    self.err(url, format!("redis_url = \"{}\": {e}", url.get_ref()));
+                if redis::Client::open(url.get_ref().as_str()).is_err() {
+                    self.err(
+                        url,
+                        "redis_url is not a Redis URL; write redis://[:PASSWORD@]HOST:6379/",
+                    );
                 }
                 Some(crate::ratelimit::RedisConfig {
                     url: url.get_ref().clone(),
@@ -960,11 +1009,13 @@ impl Validator<'_> {
                 })
             }
             (Some(RateLimitBackend::Redis), None) => {
-                let b = r.backend.as_ref().expect("matched");
-                self.err(
-                    b,
-                    "backend = \"redis\" needs redis_url = \"redis://HOST:6379/\"",
-                );
+                if r.redis_url.is_none() && r.redis_url_file.is_none() {
+                    let b = r.backend.as_ref().expect("matched");
+                    self.err(
+                        b,
+                        "backend = \"redis\" needs redis_url = \"redis://HOST:6379/\" (or redis_url_file)",
+                    );
+                }
                 None
             }
             (_, Some(url)) => {
@@ -1047,6 +1098,21 @@ pub fn parse_size(s: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_secret_may_be_read_from_the_environment() {
+        assert_eq!(secret_from_env("redis://x/").unwrap(), "redis://x/");
+        assert_eq!(
+            secret_from_env("${PATH}").unwrap(),
+            std::env::var("PATH").unwrap()
+        );
+        let e = secret_from_env("${PORTCULLIS_TEST_SURELY_UNSET_42}").unwrap_err();
+        assert!(
+            e.contains("PORTCULLIS_TEST_SURELY_UNSET_42 is not set"),
+            "{e}"
+        );
+    }
+
     use super::*;
 
     fn errors_of(toml: &str) -> Vec<String> {

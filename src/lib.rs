@@ -12,11 +12,14 @@ pub mod demo;
 pub mod diag;
 pub mod error;
 pub mod headers;
+pub mod metrics;
 pub mod netpolicy;
 pub mod path;
 pub mod proxy;
 pub mod ratelimit;
 pub mod reload;
+#[cfg(unix)]
+pub mod sdnotify;
 pub mod server;
 pub mod state;
 pub mod streams;

@@ -128,16 +128,23 @@ fn run(path: PathBuf) -> ExitCode {
             Ok(s) => s,
             Err(e) => return fail(&format!("{e:#}")),
         };
+        #[cfg(unix)]
+        portcullis::sdnotify::notify(&format!(
+            "READY=1\nSTATUS=listening on {}",
+            server.local_addr()
+        ));
         match signals(&server).await {
             Ok(name) => tracing::info!(signal = name, "shutting down"),
             Err(e) => tracing::error!(error = %e, "cannot wait for signals; shutting down"),
         }
+        #[cfg(unix)]
+        portcullis::sdnotify::notify("STOPPING=1");
         server.shutdown().await;
         ExitCode::SUCCESS
     })
 }
 
-/// Reload on SIGHUP; return on SIGTERM or SIGINT.
+/// Reload on SIGHUP, reopen the access log on SIGUSR1 (logrotate); return on SIGTERM or SIGINT.
 async fn signals(server: &Server) -> std::io::Result<&'static str> {
     #[cfg(unix)]
     {
@@ -145,13 +152,20 @@ async fn signals(server: &Server) -> std::io::Result<&'static str> {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
+        let mut usr1 = signal(SignalKind::user_defined1())?;
         loop {
             tokio::select! {
                 _ = term.recv() => return Ok("SIGTERM"),
                 _ = int.recv() => return Ok("SIGINT"),
                 _ = hup.recv() => {
                     tracing::info!(signal = "SIGHUP", "reloading");
+                    portcullis::sdnotify::notify("RELOADING=1");
                     server.reload();
+                    portcullis::sdnotify::notify("READY=1");
+                }
+                _ = usr1.recv() => {
+                    tracing::info!(signal = "SIGUSR1", "reopening the access log");
+                    server.reopen_logs();
                 }
             }
         }

@@ -185,7 +185,7 @@ pub struct Proxy {
     pub config: Arc<Config>,
     pub snapshot: ArcSwap<Snapshot>,
     client: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
-    access: AccessLogger,
+    pub(crate) access: AccessLogger,
     ids: RequestIds,
     upstream_host: HeaderValue,
     proto: &'static str,
@@ -200,6 +200,8 @@ pub struct Proxy {
     pub rate: crate::ratelimit::RateLimits,
     /// Bans every replica shares, when Redis is configured.
     shared_bans: Option<crate::ratelimit::SharedBans>,
+    /// The event metrics (the registry adds state read at scrape time).
+    pub metrics: Arc<crate::metrics::Metrics>,
     limits: Limits,
     /// What the last reloads of the keys and htpasswd files did.
     pub reloads: crate::state::Reloads,
@@ -249,6 +251,7 @@ impl Proxy {
             streams,
             rate,
             shared_bans,
+            metrics: Arc::default(),
             reloads: crate::state::Reloads::new(&config),
             limits: Limits {
                 idle: config.server.stream_idle_timeout,
@@ -282,6 +285,19 @@ impl Proxy {
                 ex.record.outcome = reject.outcome();
                 if let Some(reason) = reject.auth_reason() {
                     tracing::debug!(client = %ex.record.client, reason, request_id = %ex.record.request_id, "authentication failed");
+                    self.metrics
+                        .auth_failures
+                        .get_or_create(&crate::metrics::ReasonLabels { reason })
+                        .inc();
+                }
+                match reject {
+                    Reject::RateLimited { .. } => {
+                        self.metrics.rate_limited.inc();
+                    }
+                    Reject::Banned { .. } => {
+                        self.metrics.banned.inc();
+                    }
+                    _ => {}
                 }
                 let mut resp: Response<Full<Bytes>> = if ex.grpc {
                     reject.grpc_response()
@@ -381,6 +397,7 @@ impl Proxy {
         ex.record.key_fp = identity.fingerprint().map(str::to_owned);
         ex.cred = Some(CredId::of(&identity));
         if let Identity::Key(key) = &identity {
+            key.stats.used(SystemTime::now());
             if !crate::authz::is_allowed(key.allow.as_deref(), &parts.method, &path) {
                 return Err(Reject::Forbidden);
             }
@@ -482,6 +499,7 @@ impl Proxy {
         .await;
         let mut resp = match sent {
             Err(_elapsed) => {
+                self.metrics.upstream_error("timeout");
                 tracing::warn!(request_id = %ex.record.request_id, timeout = ?cfg.upstream.response_timeout, "upstream response timeout");
                 return Err(Reject::UpstreamTimeout);
             }
@@ -489,6 +507,7 @@ impl Proxy {
                 if caused_by_body_limit(&e) {
                     return Err(Reject::PayloadTooLarge);
                 }
+                self.metrics.upstream_error(upstream_error_kind(&e));
                 tracing::warn!(request_id = %ex.record.request_id, connect = e.is_connect(), error = %error_chain(&e), "upstream request failed");
                 return Err(Reject::UpstreamUnavailable);
             }
@@ -514,6 +533,7 @@ impl Proxy {
                 ex.tunnel = Some((client, upstream));
             }
             _ if switching => {
+                self.metrics.upstream_error("protocol");
                 tracing::warn!(request_id = %ex.record.request_id, "upstream switched protocols without being asked to");
                 return Err(Reject::UpstreamUnavailable);
             }
@@ -715,6 +735,34 @@ fn upstream_connector(
     }
 }
 
+/// The `kind` label of `portcullis_upstream_errors_total` for a failed exchange.
+fn upstream_error_kind(e: &hyper_util::client::legacy::Error) -> &'static str {
+    if e.is_connect() {
+        return "connect";
+    }
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            if matches!(
+                io.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+            ) {
+                return "reset";
+            }
+        }
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
+                return "reset";
+            }
+        }
+        cur = err.source();
+    }
+    "protocol"
+}
+
 fn caused_by_body_limit(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
@@ -752,6 +800,7 @@ fn protocol_name(v: Version) -> &'static str {
 /// its place in the connection's in-flight count. Dropped unfinished, it logs the client as gone.
 pub struct Exchange {
     access: AccessLogger,
+    metrics: Arc<crate::metrics::Metrics>,
     start: Instant,
     activity: Arc<Activity>,
     pub record: Record,
@@ -793,6 +842,7 @@ impl Exchange {
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         Exchange {
             access: proxy.access.clone(),
+            metrics: proxy.metrics.clone(),
             start: Instant::now(),
             activity: conn.activity.clone(),
             record: Record {
@@ -828,8 +878,14 @@ impl Drop for Exchange {
     fn drop(&mut self) {
         if !self.finished {
             self.finished = true;
-            self.record.set_duration(self.start.elapsed());
+            let elapsed = self.start.elapsed();
+            self.record.set_duration(elapsed);
             self.access.log(&self.record);
+            self.metrics.request(
+                self.record.outcome,
+                self.record.status,
+                elapsed.as_secs_f64(),
+            );
             self.activity.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -885,6 +941,7 @@ impl Body for LoggedBody {
             Poll::Ready(Some(Err(e))) => {
                 if let Some(ex) = this.ex.as_mut() {
                     ex.record.outcome = "upstream_error";
+                    ex.metrics.upstream_error("reset");
                     tracing::warn!(request_id = %ex.record.request_id, error = %e, "upstream response body failed");
                 }
                 this.finish();

@@ -235,11 +235,20 @@ impl Server {
             .tracker
             .spawn(ctx.clone().accept_loop(listener, "proxy", serve));
 
-        let admin_proxy = server.proxy.clone();
-        let admin_tls = server.resolver.clone();
+        let admin_state = Arc::new(Admin {
+            registry: crate::metrics::registry(
+                &server.proxy.metrics,
+                Arc::downgrade(&server.proxy),
+                server.resolver.clone(),
+                ctx.limit.clone(),
+                config.server.max_connections,
+            ),
+            proxy: server.proxy.clone(),
+            tls: server.resolver.clone(),
+        });
         let admin_serve = admin_ctx
             .clone()
-            .http1(move |req| admin_handle(admin_proxy.clone(), admin_tls.clone(), req));
+            .http1(move |req| admin_handle(admin_state.clone(), req));
         server
             .tracker
             .spawn(admin_ctx.accept_loop(admin, "admin", admin_serve));
@@ -316,6 +325,11 @@ impl Server {
             reload_certificate(resolver, &tls.files);
         }
         self.proxy.reload_credentials();
+    }
+
+    /// Reopen the access log file (after logrotate moved it away).
+    pub fn reopen_logs(&self) {
+        self.proxy.access.reopen();
     }
 
     /// The request pipeline and its shared state (bans, verification cache).
@@ -573,9 +587,15 @@ fn is_per_connection_error(e: &io::Error) -> bool {
 
 /// `/healthz`: the process answers. `/readyz`: credentials are loaded and the backend accepts
 /// TCP connections; 503 with the same JSON detail otherwise.
-async fn admin_handle(
+/// What the admin listener serves from.
+struct Admin {
     proxy: Arc<Proxy>,
     tls: Option<Arc<crate::tls::CertResolver>>,
+    registry: prometheus_client::registry::Registry,
+}
+
+async fn admin_handle(
+    admin: Arc<Admin>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -587,9 +607,55 @@ async fn admin_handle(
     }
     Ok(match req.uri().path() {
         "/healthz" => text_response(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/readyz" => readiness(&proxy, tls.as_deref()).await,
+        "/readyz" => readiness(&admin.proxy, admin.tls.as_deref()).await,
+        "/metrics" => {
+            let mut body = String::new();
+            match prometheus_client::encoding::text::encode(&mut body, &admin.registry) {
+                Ok(()) => text_response(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    body,
+                ),
+                Err(_) => text_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    "metrics could not be encoded\n".into(),
+                ),
+            }
+        }
+        "/keys" => keys_report(&admin.proxy),
         _ => text_response(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     })
+}
+
+/// `/keys`: every key's name, fingerprint, state and use; never the key. What a rotation
+/// runbook watches: the old key's requests stop growing once every client has moved.
+fn keys_report(proxy: &Proxy) -> Response<Full<Bytes>> {
+    let snapshot = proxy.snapshot.load();
+    let now = std::time::SystemTime::now();
+    let mut keys: Vec<_> = snapshot.keys.keys().collect();
+    keys.sort_by(|a, b| a.name.cmp(&b.name).then(a.fingerprint.cmp(&b.fingerprint)));
+    let rows: Vec<serde_json::Value> = keys
+        .iter()
+        .map(|k| {
+            let (requests, last_used) = k.stats.snapshot();
+            serde_json::json!({
+                "name": k.name,
+                "fingerprint": k.fingerprint,
+                "enabled": k.enabled,
+                "usable": k.usable(now),
+                "expires": k.expires.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                "requests": requests,
+                "last_used": last_used.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                "rate_limit": {
+                    "requests_per_second": k.requests_per_second,
+                    "burst": k.burst,
+                },
+            })
+        })
+        .collect();
+    let body = serde_json::json!({ "generation": snapshot.generation, "keys": rows });
+    text_response(StatusCode::OK, "application/json", format!("{body:#}\n"))
 }
 
 async fn readiness(proxy: &Proxy, tls: Option<&crate::tls::CertResolver>) -> Response<Full<Bytes>> {

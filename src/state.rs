@@ -174,7 +174,8 @@ impl Proxy {
         let mut new = (*old).clone();
         let mut changed = false;
         if let Some(status) = &reloads.keys {
-            if let Attempt::Loaded(keys) = attempt(status, "keys", KeySet::parse) {
+            if let Attempt::Loaded(mut keys) = attempt(status, "keys", KeySet::parse) {
+                keys.adopt_stats(&old.keys);
                 tracing::info!(
                     event = "reload",
                     file = "keys",

@@ -7,7 +7,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -169,6 +169,14 @@ pub struct CertResolver {
     pub reloads_ok: AtomicU64,
     /// Reloads that failed and kept the previous certificate.
     pub reloads_failed: AtomicU64,
+    /// When the served certificate was loaded (Unix seconds).
+    loaded_at: AtomicU64,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl CertResolver {
@@ -177,11 +185,18 @@ impl CertResolver {
             current: ArcSwap::from_pointee(cert),
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
+            loaded_at: AtomicU64::new(unix_now()),
         }
     }
 
     pub fn swap(&self, cert: LoadedCert) {
         self.current.store(Arc::new(cert));
+        self.loaded_at.store(unix_now(), Ordering::Relaxed);
+    }
+
+    /// When the served certificate was loaded (start-up or the last good reload).
+    pub fn last_success(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(self.loaded_at.load(Ordering::Relaxed))
     }
 
     pub fn current(&self) -> Arc<LoadedCert> {

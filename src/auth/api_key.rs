@@ -55,6 +55,37 @@ pub struct ApiKey {
     /// Overrides of `[rate_limit]` for this key.
     pub requests_per_second: Option<u32>,
     pub burst: Option<u32>,
+    /// How much the key is used; carried over reloads while the key stays in the file.
+    pub stats: Arc<KeyStats>,
+}
+
+/// Requests made with a key, and when it was last used.
+#[derive(Debug, Default)]
+pub struct KeyStats {
+    requests: std::sync::atomic::AtomicU64,
+    /// Unix seconds; 0: never.
+    last_used: std::sync::atomic::AtomicU64,
+}
+
+impl KeyStats {
+    pub fn used(&self, now: SystemTime) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.requests.fetch_add(1, Relaxed);
+        let secs = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.last_used.store(secs, Relaxed);
+    }
+
+    /// Requests so far, and the last use.
+    pub fn snapshot(&self) -> (u64, Option<SystemTime>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let last = self.last_used.load(Relaxed);
+        (
+            self.requests.load(Relaxed),
+            (last > 0).then(|| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(last)),
+        )
+    }
 }
 
 impl ApiKey {
@@ -253,6 +284,7 @@ impl KeySet {
                     description: raw.description,
                     requests_per_second,
                     burst,
+                    stats: Arc::default(),
                 }),
             );
         }
@@ -288,6 +320,15 @@ impl KeySet {
 
     pub fn is_empty(&self) -> bool {
         self.by_digest.is_empty()
+    }
+
+    /// Take over the usage counters of the keys `old` also has (same digest).
+    pub fn adopt_stats(&mut self, old: &KeySet) {
+        for (digest, key) in self.by_digest.iter_mut() {
+            if let Some(prev) = old.by_digest.get(digest) {
+                Arc::make_mut(key).stats = prev.stats.clone();
+            }
+        }
     }
 
     /// Every key, in no particular order.

@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use crate::support::*;
 
-fn bin() -> Command {
+pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_portcullis"))
 }
 
 /// Every line `from` prints, as it is printed.
-fn lines_of(from: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+pub fn lines_of(from: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(from).lines().map_while(Result::ok) {
@@ -22,7 +22,7 @@ fn lines_of(from: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Recei
 }
 
 /// Send `signal` (as `kill` spells it) and wait up to 10 s for the process to exit.
-async fn stop(child: &mut std::process::Child, signal: &str) -> std::process::ExitStatus {
+pub async fn stop(child: &mut std::process::Child, signal: &str) -> std::process::ExitStatus {
     let sent = Command::new("kill")
         .arg(signal)
         .arg(child.id().to_string())

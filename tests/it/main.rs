@@ -6,6 +6,7 @@ mod connections;
 mod forwarding;
 mod htpasswd;
 mod limits;
+mod ops;
 mod paths;
 mod pki;
 mod redis;

@@ -11,10 +11,16 @@ struct Redis {
     port: u16,
     child: Option<Child>,
     binary: std::path::PathBuf,
+    password: Option<String>,
 }
 
 impl Redis {
     fn start() -> Option<Redis> {
+        Redis::start_with(None)
+    }
+
+    /// A Redis that demands `password` (`requirepass`).
+    fn start_with(password: Option<&str>) -> Option<Redis> {
         let binary = find_tool("redis-server", "redis-server")?;
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -25,15 +31,20 @@ impl Redis {
             port,
             child: None,
             binary,
+            password: password.map(str::to_owned),
         };
         r.spawn();
         Some(r)
     }
 
     fn spawn(&mut self) {
-        let child = Command::new(&self.binary)
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"]);
+        if let Some(p) = &self.password {
+            cmd.args(["--requirepass", p]);
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -57,7 +68,10 @@ impl Redis {
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}/", self.port),
+            None => format!("redis://127.0.0.1:{}/", self.port),
+        }
     }
 }
 
@@ -174,4 +188,30 @@ async fn a_client_banned_through_one_proxy_is_banned_by_the_other() {
         assert_eq!(r.error_code(), "banned");
     }
     assert_eq!(backend.count(), 0);
+}
+
+#[tokio::test]
+async fn a_password_protected_redis_url_can_come_from_a_secret_file() {
+    let Some(redis) = Redis::start_with(Some("s3cret-redis-pass")) else {
+        return;
+    };
+    let backend = Backend::ok().await;
+    let secrets = tempfile::tempdir().unwrap();
+    let secret = secrets.path().join("redis-url");
+    std::fs::write(&secret, format!("{}\n", redis.url())).unwrap();
+    let proxy = Proxy::start_with(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [upstream]\nurl = \"{}\"\n[auth]\nkeys_file = \"keys.toml\"\n\
+         [rate_limit]\nrequests_per_second = 1\nburst = 2\nbackend = \"redis\"\n\
+         redis_url_file = \"{}\"\nredis_failure = \"allow\"\n",
+        backend.url(),
+        secret.display()
+    ))
+    .await;
+    // Limited through Redis (a failing connection would let every request through).
+    assert_eq!(status(&proxy).await, 200);
+    assert_eq!(status(&proxy).await, 200);
+    assert_eq!(status(&proxy).await, 429);
+    let config_text = std::fs::read_to_string(proxy.dir.path().join("proxy.toml")).unwrap();
+    assert!(!config_text.contains("s3cret-redis-pass"));
 }

@@ -1,0 +1,398 @@
+//! Prometheus metrics on the admin listener (DESIGN.md §7), with prometheus-client.
+//!
+//! Events (requests, refusals, upstream errors) are counted where they happen; state (bans,
+//! connections, streams, reloads, credentials, the certificate, the process) is read at scrape
+//! time by a collector. Labels only ever take values from small fixed sets: never a key name,
+//! a user, a path or an address.
+
+use std::sync::{Arc, Weak};
+use std::time::SystemTime;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::proxy::Proxy;
+use crate::streams::StreamKind;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub outcome: &'static str,
+    pub code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+type Histograms = Family<OutcomeLabels, Histogram, fn() -> Histogram>;
+
+/// The event metrics: cheap handles, shared with the registry.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub duration: Histograms,
+    pub auth_failures: Family<ReasonLabels, Counter>,
+    pub rate_limited: Counter,
+    pub banned: Counter,
+    pub upstream_errors: Family<KindLabels, Counter>,
+}
+
+fn duration_histogram() -> Histogram {
+    // 1 ms to 60 s: proxy overhead at the low end, slow backends and bcrypt at the high end.
+    Histogram::new([
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ])
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
+            auth_failures: Family::default(),
+            rate_limited: Counter::default(),
+            banned: Counter::default(),
+            upstream_errors: Family::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Count one finished request.
+    pub fn request(&self, outcome: &'static str, status: u16, seconds: f64) {
+        let code = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.requests
+            .get_or_create(&RequestLabels { outcome, code })
+            .inc();
+        self.duration
+            .get_or_create(&OutcomeLabels { outcome })
+            .observe(seconds);
+    }
+
+    pub fn upstream_error(&self, kind: &'static str) {
+        self.upstream_errors
+            .get_or_create(&KindLabels { kind })
+            .inc();
+    }
+}
+
+/// The registry served on `/metrics`: the event metrics and the state collector.
+pub fn registry(
+    metrics: &Metrics,
+    proxy: Weak<Proxy>,
+    tls: Option<Arc<crate::tls::CertResolver>>,
+    connections: Arc<tokio::sync::Semaphore>,
+    max_connections: usize,
+) -> Registry {
+    let mut r = Registry::default();
+    r.register(
+        "portcullis_requests",
+        "Requests answered, by outcome and status class",
+        metrics.requests.clone(),
+    );
+    r.register_with_unit(
+        "portcullis_request_duration",
+        "Time from the request's arrival to the end of its response",
+        Unit::Seconds,
+        metrics.duration.clone(),
+    );
+    r.register(
+        "portcullis_auth_failures",
+        "Failed authentications, by reason",
+        metrics.auth_failures.clone(),
+    );
+    r.register(
+        "portcullis_rate_limited",
+        "Requests refused by a rate limit",
+        metrics.rate_limited.clone(),
+    );
+    r.register(
+        "portcullis_banned",
+        "Requests refused because the client is banned",
+        metrics.banned.clone(),
+    );
+    r.register(
+        "portcullis_upstream_errors",
+        "Failed exchanges with the backend, by kind (connect, timeout, reset, protocol)",
+        metrics.upstream_errors.clone(),
+    );
+    r.register_collector(Box::new(State {
+        proxy,
+        tls,
+        connections,
+        max_connections,
+    }));
+    r
+}
+
+/// State read at scrape time.
+#[derive(Debug)]
+struct State {
+    proxy: Weak<Proxy>,
+    tls: Option<Arc<crate::tls::CertResolver>>,
+    connections: Arc<tokio::sync::Semaphore>,
+    max_connections: usize,
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> std::fmt::Result {
+    let g = ConstGauge::new(v);
+    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let c = ConstCounter::new(v);
+    c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+impl Collector for State {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let open = self
+            .max_connections
+            .saturating_sub(self.connections.available_permits());
+        gauge(
+            &mut e,
+            "portcullis_connections_active",
+            "Open client connections on the public listener (WebSocket tunnels included)",
+            open as f64,
+        )?;
+        if let Some(tls) = &self.tls {
+            let cert = tls.current();
+            gauge(
+                &mut e,
+                "portcullis_tls_cert_expiry_timestamp_seconds",
+                "When the served certificate expires (Unix time)",
+                unix_seconds(cert.not_after),
+            )?;
+        }
+        process(&mut e)?;
+        let Some(proxy) = self.proxy.upgrade() else {
+            return Ok(());
+        };
+        gauge(
+            &mut e,
+            "portcullis_bans_active",
+            "Clients banned right now",
+            proxy.bans.active() as f64,
+        )?;
+        {
+            let mut m = e.encode_descriptor(
+                "portcullis_streams_active",
+                "Open WebSocket tunnels and streaming responses, by kind",
+                None,
+                MetricType::Gauge,
+            )?;
+            for kind in StreamKind::ALL {
+                let labels = KindLabels { kind: kind.label() };
+                ConstGauge::new(proxy.streams.active(kind) as f64)
+                    .encode(m.encode_family(&labels)?)?;
+            }
+        }
+        counter(
+            &mut e,
+            "portcullis_streams_revoked",
+            "Streams closed because their credential was revoked",
+            proxy.streams.revoked_total(),
+        )?;
+        reloads(&mut e, &proxy, self.tls.as_deref())?;
+        let snapshot = proxy.snapshot.load();
+        {
+            let mut m = e.encode_descriptor(
+                "portcullis_credentials_loaded",
+                "Usable credentials loaded, by kind",
+                None,
+                MetricType::Gauge,
+            )?;
+            let now = SystemTime::now();
+            let keys = snapshot.keys.keys().filter(|k| k.usable(now)).count();
+            let users = snapshot.htpasswd.as_ref().map_or(0, |h| h.len());
+            for (kind, n) in [("api_key", keys), ("htpasswd_user", users)] {
+                ConstGauge::new(n as f64).encode(m.encode_family(&KindLabels { kind })?)?;
+            }
+        }
+        gauge(
+            &mut e,
+            "portcullis_credentials_generation",
+            "Credential snapshot generation: 1 at start, one more per reload that changed something",
+            snapshot.generation as f64,
+        )?;
+        if let crate::ratelimit::RateLimits::Shared { shared, .. } = &proxy.rate {
+            counter(
+                &mut e,
+                "portcullis_redis_errors",
+                "Redis calls that failed (shared rate limits and bans)",
+                shared
+                    .link
+                    .errors
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    file: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FileLabels {
+    file: &'static str,
+}
+
+fn reloads(
+    e: &mut DescriptorEncoder,
+    proxy: &Proxy,
+    tls: Option<&crate::tls::CertResolver>,
+) -> std::fmt::Result {
+    let mut rows: Vec<(&'static str, u64, u64, Option<SystemTime>)> = Vec::new();
+    for (file, status) in [
+        ("keys", crate::state::Reloads::status(&proxy.reloads.keys)),
+        (
+            "htpasswd",
+            crate::state::Reloads::status(&proxy.reloads.htpasswd),
+        ),
+    ] {
+        if let Some(s) = status {
+            rows.push((file, s.reloads_ok, s.reloads_failed, Some(s.last_success)));
+        }
+    }
+    if let Some(t) = tls {
+        use std::sync::atomic::Ordering::Relaxed;
+        rows.push((
+            "tls",
+            t.reloads_ok.load(Relaxed),
+            t.reloads_failed.load(Relaxed),
+            Some(t.last_success()),
+        ));
+    }
+    {
+        let mut m = e.encode_descriptor(
+            "portcullis_reloads",
+            "Reloads of the keys, htpasswd and TLS files, by result",
+            None,
+            MetricType::Counter,
+        )?;
+        for (file, ok, failed, _) in &rows {
+            for (result, n) in [("ok", ok), ("error", failed)] {
+                ConstCounter::new(*n).encode(m.encode_family(&ReloadLabels { file, result })?)?;
+            }
+        }
+    }
+    let mut m = e.encode_descriptor(
+        "portcullis_reload_last_success_timestamp_seconds",
+        "When each file last loaded successfully (Unix time; start-up counts)",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (file, _, _, last) in &rows {
+        if let Some(t) = last {
+            ConstGauge::new(unix_seconds(*t)).encode(m.encode_family(&FileLabels { file })?)?;
+        }
+    }
+    Ok(())
+}
+
+/// The standard `process_*` metrics, from /proc (Linux).
+fn process(e: &mut DescriptorEncoder) -> std::fmt::Result {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return Ok(());
+    };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return Ok(());
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| f.get(n - 3).and_then(|v| v.parse::<f64>().ok());
+    // /proc reports CPU time in USER_HZ, which is 100 on every Linux.
+    const TICKS: f64 = 100.0;
+    if let (Some(utime), Some(stime)) = (field(14), field(15)) {
+        let c = ConstCounter::new((utime + stime) / TICKS);
+        c.encode(e.encode_descriptor(
+            "process_cpu_seconds",
+            "User and system CPU time spent",
+            None,
+            c.metric_type(),
+        )?)?;
+    }
+    if let Some(threads) = field(20) {
+        gauge(e, "process_threads", "Threads in the process", threads)?;
+    }
+    if let Some(vsize) = field(23) {
+        gauge(
+            e,
+            "process_virtual_memory_bytes",
+            "Virtual memory size",
+            vsize,
+        )?;
+    }
+    let rss_kb = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<f64>().ok())
+        });
+    if let Some(kb) = rss_kb {
+        gauge(
+            e,
+            "process_resident_memory_bytes",
+            "Resident memory size",
+            kb * 1024.0,
+        )?;
+    }
+    if let Some(start_ticks) = field(22) {
+        let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        });
+        if let Some(boot) = boot {
+            gauge(
+                e,
+                "process_start_time_seconds",
+                "Start time of the process (Unix time)",
+                boot + start_ticks / TICKS,
+            )?;
+        }
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        gauge(
+            e,
+            "process_open_fds",
+            "Open file descriptors",
+            fds.count() as f64,
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,424 @@
+//! Operations: Prometheus metrics parsed with a real exposition parser, access log formats,
+//! redaction of every secret from every log line, logrotate's SIGUSR1, secrets from files.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use http::Response;
+
+use crate::cli::{bin, lines_of, stop};
+use crate::support::*;
+
+/// Scrape `/metrics` and parse it.
+async fn scrape(proxy: &Proxy) -> prometheus_parse::Scrape {
+    let r = get(&format!("http://{}/metrics", proxy.admin), &[]).await;
+    assert_eq!(r.status, 200);
+    assert!(r.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
+    let text = String::from_utf8(r.body.to_vec()).unwrap();
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .expect("the exposition parses")
+}
+
+/// The value of the sample `name` whose labels include `labels` (0 when absent).
+fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    s.samples
+        .iter()
+        .filter(|x| x.metric == name)
+        .find(|x| labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .map(|x| match &x.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            prometheus_parse::Value::Histogram(h) => h.last().map_or(0.0, |b| b.count),
+            prometheus_parse::Value::Summary(_) => f64::NAN,
+        })
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn every_metric_family_moves_with_its_event() {
+    let backend = Backend::ok().await;
+    let proxy = Proxy::start_with(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [upstream]\nurl = \"{}\"\n[auth]\nkeys_file = \"keys.toml\"\n\
+         [rate_limit]\nrequests_per_second = 1\nburst = 2\n[ban]\nfailures = 2\n",
+        backend.url()
+    ))
+    .await;
+    let before = scrape(&proxy).await;
+    assert_eq!(
+        value(
+            &before,
+            "portcullis_credentials_loaded",
+            &[("kind", "api_key")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        value(&before, "portcullis_credentials_generation", &[]),
+        1.0
+    );
+    assert!(value(&before, "process_resident_memory_bytes", &[]) > 1e6);
+    assert!(value(&before, "process_start_time_seconds", &[]) > 1.7e9);
+
+    let url = proxy.url("/api");
+    assert_eq!(get(&url, &[("x-api-key", PROD_KEY)]).await.status, 200);
+    assert_eq!(get(&url, &[("x-api-key", PROD_KEY)]).await.status, 200);
+    assert_eq!(get(&url, &[("x-api-key", PROD_KEY)]).await.status, 429);
+    assert_eq!(get(&url, &[]).await.status, 403);
+    assert_eq!(get(&url, &[("x-api-key", DISABLED_KEY)]).await.status, 401);
+    assert_eq!(
+        get(&url, &[("x-api-key", "mas_wrong_wrong_wrong")])
+            .await
+            .status,
+        401
+    );
+    assert_eq!(get(&url, &[("x-api-key", WEB_KEY)]).await.status, 429);
+
+    let s = scrape(&proxy).await;
+    let req = |outcome, code| {
+        value(
+            &s,
+            "portcullis_requests_total",
+            &[("outcome", outcome), ("code", code)],
+        )
+    };
+    assert_eq!(req("ok", "2xx"), 2.0);
+    assert_eq!(req("rate_limited", "4xx"), 1.0);
+    assert_eq!(req("unauthenticated", "4xx"), 3.0);
+    assert_eq!(req("banned", "4xx"), 1.0);
+    assert_eq!(
+        value(
+            &s,
+            "portcullis_request_duration_seconds",
+            &[("outcome", "ok")]
+        ),
+        2.0
+    );
+    let fail = |reason| value(&s, "portcullis_auth_failures_total", &[("reason", reason)]);
+    assert_eq!(fail("missing"), 1.0);
+    assert_eq!(fail("disabled"), 1.0);
+    assert_eq!(fail("invalid_token"), 1.0);
+    assert_eq!(value(&s, "portcullis_rate_limited_total", &[]), 1.0);
+    assert_eq!(value(&s, "portcullis_banned_total", &[]), 1.0);
+    assert_eq!(value(&s, "portcullis_bans_active", &[]), 1.0);
+
+    // A failed reload, then a good one.
+    std::fs::write(proxy.dir.path().join("keys.toml"), "[[keys]]\nname = 1\n").unwrap();
+    let reloads = |s: &prometheus_parse::Scrape, result| {
+        value(
+            s,
+            "portcullis_reloads_total",
+            &[("file", "keys"), ("result", result)],
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while reloads(&scrape(&proxy).await, "error") < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failed reload counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::write(
+        proxy.dir.path().join("keys.toml"),
+        keys_file().replace("old-key", "older-key"),
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let s = loop {
+        let s = scrape(&proxy).await;
+        if reloads(&s, "ok") >= 1.0 {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no good reload counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(value(&s, "portcullis_credentials_generation", &[]), 2.0);
+    assert!(
+        value(
+            &s,
+            "portcullis_reload_last_success_timestamp_seconds",
+            &[("file", "keys")]
+        ) > 1.7e9
+    );
+}
+
+#[tokio::test]
+async fn upstream_errors_and_streams_are_counted() {
+    let proxy = Proxy::start(&format!("http://{}", dead_addr()), "").await;
+    assert_eq!(
+        get(&proxy.url("/x"), &[("x-api-key", PROD_KEY)])
+            .await
+            .status,
+        502
+    );
+    let s = scrape(&proxy).await;
+    assert_eq!(
+        value(
+            &s,
+            "portcullis_upstream_errors_total",
+            &[("kind", "connect")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &s,
+            "portcullis_requests_total",
+            &[("outcome", "upstream_error"), ("code", "5xx")]
+        ),
+        1.0
+    );
+
+    let (tx_slot, rx_slot) = tokio::sync::oneshot::channel();
+    let tx_slot = std::sync::Mutex::new(Some(tx_slot));
+    let backend = Backend::with(move |_req| {
+        let (tx, body) = channel_body();
+        if let Some(slot) = tx_slot.lock().unwrap().take() {
+            let _ = slot.send(tx);
+        }
+        async move {
+            let mut r = Response::new(body);
+            r.headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            r
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&backend.url(), "").await;
+    let resp = client()
+        .request(
+            http::Request::get(proxy.url("/events"))
+                .header("x-api-key", PROD_KEY)
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let tx = rx_slot.await.unwrap();
+    let s = scrape(&proxy).await;
+    assert_eq!(
+        value(&s, "portcullis_streams_active", &[("kind", "sse")]),
+        1.0
+    );
+    assert_eq!(value(&s, "portcullis_connections_active", &[]), 1.0);
+    drop((tx, resp));
+    wait_streams(&proxy, portcullis::streams::StreamKind::Sse, 0).await;
+    let s = scrape(&proxy).await;
+    assert_eq!(
+        value(&s, "portcullis_streams_active", &[("kind", "sse")]),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn the_combined_access_log_matches_the_fail2ban_filter_with_the_right_host() {
+    let backend = Backend::ok().await;
+    let proxy = Proxy::start_with(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [upstream]\nurl = \"{}\"\n[auth]\nkeys_file = \"keys.toml\"\n\
+         [log]\naccess_log = \"access.log\"\naccess_format = \"combined\"\n",
+        backend.url()
+    ))
+    .await;
+    let mut c = hyper_util::client::legacy::connect::HttpConnector::new();
+    c.set_local_address(Some("127.0.0.2".parse().unwrap()));
+    let client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(c);
+    let r = send_with(
+        &client,
+        "GET",
+        &proxy.url("/api?token=secret"),
+        &[("x-api-key", "mas_wrong_0000000000000000")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    let path = proxy.access_log_path();
+    let line = eventually(Duration::from_secs(5), || {
+        std::fs::read_to_string(&path)
+            .ok()
+            .filter(|t| !t.is_empty())
+    })
+    .await
+    .expect("a combined line");
+    // The filter from the deployment guide, with fail2ban's <HOST> expanded as it does.
+    let filter = regex::Regex::new(r"^(?P<host>\S+) .* 401 .*$").unwrap();
+    let caps = filter
+        .captures(line.trim_end())
+        .expect("the fail2ban filter matches");
+    assert_eq!(&caps["host"], "127.0.0.2");
+    assert!(
+        !line.contains("secret"),
+        "the query string was logged: {line}"
+    );
+}
+
+#[tokio::test]
+async fn no_secret_reaches_any_log_line_at_trace_level() {
+    let backend = Backend::ok().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keys.toml"), keys_file()).unwrap();
+    let password = "correct horse battery staple 7";
+    std::fs::write(
+        dir.path().join("htpasswd"),
+        format!("alice:{}\n", bcrypt::hash(password, 4).unwrap()),
+    )
+    .unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [upstream]\nurl = \"{}\"\n[auth]\nkeys_file = \"keys.toml\"\nhtpasswd_file = \"htpasswd\"\n\
+             [log]\nlevel = \"trace\"\nformat = \"json\"\naccess_log = \"access.log\"\n",
+            backend.url()
+        ),
+    )
+    .unwrap();
+    let mut child = bin()
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(child.stderr.take().unwrap());
+    let addr = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a startup line");
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+            if v["message"] == "portcullis listening" {
+                break v["listen"]
+                    .as_str()
+                    .unwrap()
+                    .parse::<std::net::SocketAddr>()
+                    .unwrap();
+            }
+        }
+    };
+    let url = format!("http://{addr}");
+    let cookie = "session=cookie-secret-4242";
+    let proxy_auth = "Basic cHJveHktc2VjcmV0LTk5OTk=";
+    let query_secret = "query-secret-1234";
+    let basic_ok = basic_auth("alice", password);
+    let basic_bad = basic_auth("alice", "wrong-password-5678");
+    let bearer_prod = bearer(PROD_KEY);
+    let requests: Vec<Vec<(&str, &str)>> = vec![
+        vec![("authorization", &bearer_prod), ("cookie", cookie)],
+        vec![("x-api-key", WEB_KEY), ("proxy-authorization", proxy_auth)],
+        vec![("x-api-key", DISABLED_KEY)],
+        vec![("authorization", "Bearer mas_unknown_key_secret_0000000")],
+        vec![("authorization", &basic_ok)],
+        vec![("authorization", &basic_bad)],
+        vec![("authorization", "Basic !!!not-base64-secret!!!")],
+    ];
+    for headers in &requests {
+        get(
+            &format!("{url}/api/v1/invoke?api_key={query_secret}"),
+            headers,
+        )
+        .await;
+    }
+    let code = stop(&mut child, "-TERM").await;
+    assert!(code.success());
+    let mut logged: Vec<String> = rx.try_iter().collect();
+    let access = std::fs::read_to_string(dir.path().join("access.log")).unwrap();
+    assert!(
+        access.lines().count() >= requests.len(),
+        "every request was logged"
+    );
+    logged.extend(access.lines().map(str::to_owned));
+    let basic_ok_b64 = basic_ok.trim_start_matches("Basic ");
+    for secret in [
+        PROD_KEY,
+        WEB_KEY,
+        DISABLED_KEY,
+        "mas_unknown_key_secret_0000000",
+        "cookie-secret-4242",
+        "cHJveHktc2VjcmV0LTk5OTk",
+        query_secret,
+        password,
+        basic_ok_b64,
+        "wrong-password-5678",
+        "not-base64-secret",
+    ] {
+        for line in &logged {
+            assert!(!line.contains(secret), "{secret:?} was logged: {line}");
+        }
+    }
+    // The keys appear as name and fingerprint.
+    assert!(access.contains("production-backend"));
+}
+
+#[tokio::test]
+async fn sigusr1_reopens_the_access_log_after_logrotate_moved_it() {
+    if find_tool("kill", "procps").is_none() {
+        return;
+    }
+    let backend = Backend::ok().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keys.toml"), keys_file()).unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [upstream]\nurl = \"{}\"\n[auth]\nkeys_file = \"keys.toml\"\n\
+             [log]\nformat = \"json\"\naccess_log = \"access.log\"\n",
+            backend.url()
+        ),
+    )
+    .unwrap();
+    let mut child = bin()
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(child.stderr.take().unwrap());
+    let line = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("a startup line");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let url = format!("http://{}/x", v["listen"].as_str().unwrap());
+    let log = dir.path().join("access.log");
+    get(&url, &[("x-api-key", PROD_KEY)]).await;
+    eventually(Duration::from_secs(5), || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|t| t.lines().count() == 1)
+    })
+    .await
+    .expect("the first line");
+    std::fs::rename(&log, dir.path().join("access.log.1")).unwrap();
+    let sent = std::process::Command::new("kill")
+        .arg("-USR1")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    // Requests until one lands in a new access.log (the signal is handled asynchronously).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !log.exists() {
+        get(&url, &[("x-api-key", PROD_KEY)]).await;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "access.log was not reopened"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let code = stop(&mut child, "-TERM").await;
+    assert!(code.success());
+    let rotated = std::fs::read_to_string(dir.path().join("access.log.1")).unwrap();
+    assert!(!rotated.is_empty());
+}
