@@ -407,3 +407,48 @@ async fn the_demo_serves_its_key_and_refuses_requests_without_it() {
     let code = stop(&mut child, "-INT").await;
     assert!(code.success(), "exit status {code}");
 }
+
+#[test]
+fn the_kubernetes_example_config_passes_check_with_its_secrets_mounted() {
+    let yaml = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/kubernetes/sidecar.yaml"
+    ))
+    .unwrap();
+    // The ConfigMap's proxy.toml: the block indented under `proxy.toml: |`.
+    let config: String = yaml
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("proxy.toml: |"))
+        .skip(1)
+        .take_while(|l| l.starts_with("    ") || l.is_empty())
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    assert!(config.contains("[upstream]"), "{config}");
+    // Mount the Secrets where the pod would.
+    let root = tempfile::tempdir().unwrap();
+    let mount = |dir: &str| {
+        let d = root.path().join(dir);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    };
+    std::fs::write(mount("keys").join("keys.toml"), keys_file()).unwrap();
+    let pki = crate::pki::Pki::new();
+    let leaf = pki.server();
+    std::fs::write(mount("tls").join("tls.crt"), &leaf.cert).unwrap();
+    std::fs::write(mount("tls").join("tls.key"), &leaf.key).unwrap();
+    let path = mount("config").join("proxy.toml");
+    let prefix = format!("{}/", root.path().display());
+    std::fs::write(&path, config.replace("/etc/portcullis/", &prefix)).unwrap();
+    let out = bin()
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
