@@ -7,14 +7,23 @@
 #   basic-bcrypt10   HTTP Basic, one user hashed with bcrypt cost 10 (htpasswd -B -C 10);
 #                    nginx: auth_basic + auth_basic_user_file with the same file
 #   basic-apr1       the same with htpasswd -m (Apache MD5)
-#   apikey           Authorization: Bearer; nginx: a `map` on the header, 401 otherwise
+#   apikey           the sidecar's job: Authorization: Bearer checked, security headers added,
+#                    X-Request-Id / X-Forwarded-* set, and a per-key rate limit high enough
+#                    never to fire; nginx: a `map` on the header (401 otherwise), four
+#                    `add_header ... always`, `proxy_set_header`s, `limit_req` on the header
+#   apikey-tls       the same over TLS 1.3 (keep-alive), both with the same certificate
 #   noauth           no authentication (portcullis anonymous = true; nginx plain proxy_pass)
+#   idle10k          10,000 idle keep-alive connections held open: resident memory of each
+#                    proxy (RSS after minus before), not throughput
 #
 # Layout (see BENCHMARKING notes in the README): the proxy under test alone on core 0
 # (taskset -c 0; nginx worker_processes 1; portcullis then sees one CPU), the backend (nginx,
 # one worker, `return 200`) and wrk -t1 on core 1. Each round runs direct, nginx, portcullis one
 # after another; the table reports medians over ROUNDS rounds of DURATION each at CONNS
 # connections, and the ratios portcullis / nginx and portcullis / direct.
+#
+# Every throughput run also reports wrk's p50 and p99 latency. The table is printed, and written
+# with an SVG bar chart to target/compare/ (compare.md, compare.svg).
 #
 # Environment: ROUNDS (5), DURATION (5s), CONNS (32), PORTCULLIS (the binary; default: built
 # with cargo build --release). Needs nginx, wrk, htpasswd and taskset: Debian packages nginx,
@@ -32,6 +41,8 @@ command -v wrk >/dev/null || need+=(wrk)
 command -v htpasswd >/dev/null || need+=(apache2-utils)
 command -v taskset >/dev/null || need+=(util-linux)
 command -v bc >/dev/null || need+=(bc)
+command -v openssl >/dev/null || need+=(openssl)
+command -v python3 >/dev/null || need+=(python3)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
@@ -66,7 +77,8 @@ worker_processes 1;
 daemon off;
 pid $work/$1/nginx.pid;
 error_log $work/$1/error.log warn;
-events { worker_connections 4096; }
+worker_rlimit_nofile 30000;
+events { worker_connections 20000; }
 http {
   access_log off;
   client_body_temp_path $work/$1/body;
@@ -102,18 +114,54 @@ stop_all_but_backend() {
   pids=("$keep")
 }
 
-rps() { # url, header...: requests per second; every response must be a 200
+# wrk's latency ("812.00us", "1.20ms", "2.1s") in microseconds.
+to_us() { awk '{v=$1; u=v; gsub(/[0-9.]/,"",u); gsub(/[a-z]/,"",v);
+  m=(u=="us")?1:(u=="ms")?1000:(u=="s")?1000000:1; printf "%.0f\n", v*m}'; }
+
+rps() { # url, header...: "req/s p50_us p99_us"; every response must be a 200
   local url=$1; shift
   local args=()
   for h in "$@"; do args+=(-H "$h"); done
   local out
-  out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"$DURATION" "${args[@]}" "$url")
+  out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"$DURATION" --latency "${args[@]}" "$url")
   if grep -q "Non-2xx" <<<"$out"; then
     echo "$url answered errors during the run:" >&2
     echo "$out" >&2
     exit 1
   fi
-  awk '/Requests\/sec/ {print $2}' <<<"$out"
+  local r p50 p99
+  r=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  p50=$(awk '$1=="50%" {print $2}' <<<"$out" | to_us)
+  p99=$(awk '$1=="99%" {print $2}' <<<"$out" | to_us)
+  echo "$r $p50 $p99"
+}
+
+# Resident memory (kB) of a process and its children (nginx's master and worker).
+rss_kb() {
+  local total=0 p
+  for p in "$1" $(pgrep -P "$1"); do
+    total=$(( total + $(awk '/^VmRSS:/ {print $2}' "/proc/$p/status") ))
+  done
+  echo "$total"
+}
+
+# Hold N idle keep-alive connections (each sent one request) to a port; print when ready,
+# exit when stdin closes.
+hold_idle() { # port, count, header
+  python3 - "$@" <<'PY'
+import socket, sys
+port, n, header = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+req = ("GET / HTTP/1.1\r\nHost: bench\r\n" + (header + "\r\n" if header else "") + "\r\n").encode()
+conns = []
+for _ in range(n):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(req)
+    conns.append(s)
+for s in conns:
+    s.recv(4096)
+print("ready", flush=True)
+sys.stdin.read()
+PY
 }
 
 # Wait (up to 15 s) until core 0 is idle: nginx keeps hashing queued bcrypt requests after wrk
@@ -137,12 +185,31 @@ wait_port $BACKEND_PORT
 
 KEY=$("$PORTCULLIS" keygen | head -1)
 PROXY_LOCATION="proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header X-Forwarded-For \$remote_addr;"
+# What portcullis does on every request, done by nginx.
+JOB="proxy_set_header X-Real-IP \$remote_addr; proxy_set_header X-Forwarded-Proto \$scheme;
+  proxy_set_header X-Forwarded-Host \$host; proxy_set_header X-Request-Id \$request_id;
+  proxy_set_header Authorization \"\"; proxy_set_header X-Authenticated-User bench;
+  add_header X-Request-Id \$request_id always; add_header X-Frame-Options DENY always;
+  add_header X-Content-Type-Options nosniff always; add_header Referrer-Policy no-referrer always;
+  limit_req zone=bench burst=100000 nodelay;"
+JOB_HTTP="map_hash_bucket_size 128; map \$http_authorization \$bench_ok { \"Bearer $KEY\" 1; default 0; }
+  limit_req_zone \$http_authorization zone=bench:10m rate=100000r/s;"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
+  -keyout "$work/tls.key" -out "$work/tls.crt" 2>/dev/null
+mkdir -p target/compare
+report=target/compare/compare.md
+printf '| scenario | direct req/s | nginx req/s | portcullis req/s | portcullis / nginx | nginx p50 / p99 (µs) | portcullis p50 / p99 (µs) |\n|---|---|---|---|---|---|---|\n' > "$report"
+: > "$work/chart"
 
-printf '\n%-16s %12s %12s %12s %10s %10s\n' scenario direct nginx portcullis "p/nginx" "p/direct"
+printf '\n%-14s %9s %9s %9s %8s %8s %15s %15s\n' scenario direct nginx portcullis "p/nginx" "p/direct" "nginx p50/p99" "portc. p50/p99"
 for scenario in "${@:-basic-bcrypt10 noauth}"; do
   for s in $scenario; do
     dir="$work/$s"; mkdir -p "$dir"
     auth_header=()
+    rate="enabled = false"
+    tls=""
+    scheme=http
     case $s in
       basic-bcrypt10|basic-apr1)
         if [ "$s" = basic-bcrypt10 ]; then flag=(-B -C 10); else flag=(-m); fi
@@ -151,12 +218,22 @@ for scenario in "${@:-basic-bcrypt10 noauth}"; do
         nginx_conf "$s-nginx" "server { listen 127.0.0.1:$NGINX_PORT; location / { auth_basic bench; auth_basic_user_file $dir/htpasswd; $PROXY_LOCATION } }"
         auth="htpasswd_file = \"$dir/htpasswd\""
         ;;
-      apikey)
+      apikey|apikey-tls|idle10k)
         printf '[[keys]]\nname = "bench"\napi_key = "%s"\n' "$KEY" > "$dir/keys.toml"
         auth_header=("Authorization: Bearer $KEY")
-        nginx_conf "$s-nginx" "map_hash_bucket_size 128; map \$http_authorization \$bench_ok { \"Bearer $KEY\" 1; default 0; }
-          server { listen 127.0.0.1:$NGINX_PORT; location / { if (\$bench_ok = 0) { return 401; } $PROXY_LOCATION } }"
+        listen="listen 127.0.0.1:$NGINX_PORT"
+        if [ "$s" = apikey-tls ]; then
+          listen="$listen ssl; ssl_certificate $work/tls.crt; ssl_certificate_key $work/tls.key; ssl_protocols TLSv1.2 TLSv1.3"
+          tls="[tls]
+cert = \"$work/tls.crt\"
+key = \"$work/tls.key\""
+          scheme=https
+        fi
+        nginx_conf "$s-nginx" "$JOB_HTTP
+          server { $listen; location / { if (\$bench_ok = 0) { return 401; } $PROXY_LOCATION $JOB } }"
         auth="keys_file = \"$dir/keys.toml\""
+        rate="requests_per_second = 100000
+burst = 100000"
         ;;
       noauth)
         nginx_conf "$s-nginx" "server { listen 127.0.0.1:$NGINX_PORT; location / { $PROXY_LOCATION } }"
@@ -168,36 +245,91 @@ for scenario in "${@:-basic-bcrypt10 noauth}"; do
 [server]
 listen = "127.0.0.1:$PORTCULLIS_PORT"
 admin_listen = "127.0.0.1:$ADMIN_PORT"
+max_connections = 20000
+max_connections_per_ip = 20000
 [upstream]
 url = "http://127.0.0.1:$BACKEND_PORT"
 [auth]
 $auth
+$tls
 [ban]
 enabled = false
-# nginx has no limit in these scenarios: neither has portcullis.
+# A limit never reached where nginx has one (limit_req), none where it has none.
 [rate_limit]
-enabled = false
+$rate
 [log]
 level = "warn"
 access_log = "off"
 EOF
     start 0 "$NGINX" -c "$work/$s-nginx/nginx.conf"
+    nginx_pid=${pids[-1]}
     start 0 "$PORTCULLIS" --config "$dir/proxy.toml"
+    portcullis_pid=${pids[-1]}
     wait_port $NGINX_PORT
     wait_port $PORTCULLIS_PORT
+    if [ "$s" = idle10k ]; then
+      for who in nginx portcullis; do
+        pid_var=${who}_pid; pid=${!pid_var}
+        port=$NGINX_PORT; [ $who = portcullis ] && port=$PORTCULLIS_PORT
+        before=$(rss_kb "$pid")
+        coproc HOLD { hold_idle "$port" 10000 "${auth_header[0]}"; }
+        read -r _ <&"${HOLD[0]}"
+        after=$(rss_kb "$pid")
+        echo "$(( (after - before) * 1024 / 10000 )) $after" > "$dir/$who"
+        eval "exec ${HOLD[1]}>&-"; wait "$HOLD_PID" 2>/dev/null || true
+      done
+      read -r n_per n_total < "$dir/nginx"; read -r p_per p_total < "$dir/portcullis"
+      printf '%-14s %9s %9s %9s %8s %8s   bytes/conn: nginx %s, portcullis %s; RSS after: nginx %s kB, portcullis %s kB\n' \
+        "$s" - - - - - "$n_per" "$p_per" "$n_total" "$p_total"
+      printf '| %s | | | | | 10,000 idle connections: %s bytes each, RSS %s kB | %s bytes each, RSS %s kB |\n' \
+        "$s" "$n_per" "$n_total" "$p_per" "$p_total" >> "$report"
+      stop_all_but_backend
+      continue
+    fi
+    url_n="$scheme://127.0.0.1:$NGINX_PORT/"; url_p="$scheme://127.0.0.1:$PORTCULLIS_PORT/"
     # Warm-up: connections, pools, and (for Basic) portcullis' verification cache.
-    taskset -c 1 wrk -t1 -c"$CONNS" -d1s ${auth_header[@]+-H "${auth_header[0]}"} "http://127.0.0.1:$PORTCULLIS_PORT/" >/dev/null
+    taskset -c 1 wrk -t1 -c"$CONNS" -d1s ${auth_header[@]+-H "${auth_header[0]}"} "$url_p" >/dev/null
     : > "$dir/direct"; : > "$dir/nginx"; : > "$dir/portcullis"
     for _ in $(seq "$ROUNDS"); do
       idle_gate; rps "http://127.0.0.1:$BACKEND_PORT/" >> "$dir/direct"
-      idle_gate; rps "http://127.0.0.1:$NGINX_PORT/" "${auth_header[@]}" >> "$dir/nginx"
-      idle_gate; rps "http://127.0.0.1:$PORTCULLIS_PORT/" "${auth_header[@]}" >> "$dir/portcullis"
+      idle_gate; rps "$url_n" "${auth_header[@]}" >> "$dir/nginx"
+      idle_gate; rps "$url_p" "${auth_header[@]}" >> "$dir/portcullis"
     done
-    d=$(median < "$dir/direct"); n=$(median < "$dir/nginx"); p=$(median < "$dir/portcullis")
-    printf '%-16s %12.0f %12.1f %12.0f %9.1fx %9.2fx\n' "$s" "$d" "$n" "$p" \
-      "$(echo "$p / $n" | bc -l)" "$(echo "$p / $d" | bc -l)"
+    col() { awk -v c="$2" '{print $c}' "$1" | median; }
+    d=$(col "$dir/direct" 1); n=$(col "$dir/nginx" 1); p=$(col "$dir/portcullis" 1)
+    n50=$(col "$dir/nginx" 2); n99=$(col "$dir/nginx" 3)
+    p50=$(col "$dir/portcullis" 2); p99=$(col "$dir/portcullis" 3)
+    ratio=$(echo "$p / $n" | bc -l)
+    printf '%-14s %9.0f %9.0f %9.0f %7.2fx %7.2fx %15s %15s\n' "$s" "$d" "$n" "$p" \
+      "$ratio" "$(echo "$p / $d" | bc -l)" "$n50/$n99" "$p50/$p99"
+    printf '| %s | %.0f | %.0f | %.0f | %.2f× | %s / %s | %s / %s |\n' "$s" "$d" "$n" "$p" "$ratio" \
+      "$n50" "$n99" "$p50" "$p99" >> "$report"
+    echo "$s $n $p" >> "$work/chart"
     stop_all_but_backend
   done
 done
+note="medians of $ROUNDS rounds of $DURATION at -c$CONNS; proxies on core 0, backend and wrk on core 1"
 echo
-echo "medians of $ROUNDS rounds of $DURATION at -c$CONNS; proxies on core 0, backend and wrk on core 1"
+echo "$note"
+printf '\n%s, %s, %s, `benches/compare.sh %s`\n' "$(date -u +%Y-%m-%d)" "$(nproc) CPUs ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo))" "$note" "$*" >> "$report"
+
+# A bar chart of req/s: nginx and portcullis side by side, per scenario.
+awk -v title="req/s, nginx (grey) and portcullis (blue); $(date -u +%Y-%m-%d)" '
+  { name[NR]=$1; n[NR]=$2; p[NR]=$3; if ($2>max) max=$2; if ($3>max) max=$3 }
+  END {
+    if (NR == 0) exit
+    w = 140 * NR + 60; h = 260
+    printf "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" font-size=\"12\">\n", w, h
+    printf "<text x=\"10\" y=\"18\">%s</text>\n", title
+    for (i = 1; i <= NR; i++) {
+      x = 40 + (i-1) * 140
+      hn = 180 * n[i] / max; hp = 180 * p[i] / max
+      printf "<rect x=\"%d\" y=\"%.0f\" width=\"50\" height=\"%.0f\" fill=\"#999\"/>\n", x, 220-hn, hn
+      printf "<rect x=\"%d\" y=\"%.0f\" width=\"50\" height=\"%.0f\" fill=\"#3b73b9\"/>\n", x+55, 220-hp, hp
+      printf "<text x=\"%d\" y=\"%.0f\">%.0f</text>\n", x, 215-hn, n[i]
+      printf "<text x=\"%d\" y=\"%.0f\">%.0f</text>\n", x+55, 215-hp, p[i]
+      printf "<text x=\"%d\" y=\"240\">%s</text>\n", x, name[i]
+    }
+    print "</svg>"
+  }' "$work/chart" > target/compare/compare.svg
+echo "written: $report, target/compare/compare.svg"

@@ -90,14 +90,17 @@ pub struct Forwarded<'a> {
 }
 
 pub fn set_forwarded(headers: &mut HeaderMap, f: &Forwarded<'_>) {
-    let ip = HeaderValue::from_str(&f.client_ip.to_string()).expect("an IP is a header value");
-    let chain = match f.chain {
-        Some(chain) => HeaderValue::from_str(&format!("{chain}, {}", f.peer)).ok(),
-        None => None,
+    let value =
+        |ip: IpAddr| HeaderValue::from_str(&ip.to_string()).expect("an IP is a header value");
+    let ip = value(f.client_ip);
+    let xff = match f.chain {
+        Some(chain) => {
+            HeaderValue::from_str(&format!("{chain}, {}", f.peer)).unwrap_or_else(|_| value(f.peer))
+        }
+        // The common case: no proxy in front, the client is the peer.
+        None if f.peer == f.client_ip => ip.clone(),
+        None => value(f.peer),
     };
-    let xff = chain.unwrap_or_else(|| {
-        HeaderValue::from_str(&f.peer.to_string()).expect("an IP is a header value")
-    });
     headers.insert(X_FORWARDED_FOR.clone(), xff);
     headers.insert(X_REAL_IP.clone(), ip);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(f.proto));

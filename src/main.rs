@@ -81,10 +81,17 @@ fn fail(message: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// The runtime: one worker thread per CPU this process may run on. Pinned to one CPU
+/// (`taskset`, a cgroup cpuset, a sidecar with one core), a single-threaded runtime does the
+/// same work without cross-thread wake-ups.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut builder = if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    Ok(builder.enable_all().build()?)
 }
 
 fn init_tracing(level: LogLevel, format: LogFormat) {

@@ -52,6 +52,9 @@ pub struct Metrics {
     pub rate_limited: Counter,
     pub banned: Counter,
     pub upstream_errors: Family<KindLabels, Counter>,
+    /// The common case's series, resolved once: outcome ok, 2xx.
+    ok_2xx: Counter,
+    ok_duration: Histogram,
 }
 
 fn duration_histogram() -> Histogram {
@@ -63,13 +66,27 @@ fn duration_histogram() -> Histogram {
 
 impl Default for Metrics {
     fn default() -> Self {
+        let requests: Family<RequestLabels, Counter> = Family::default();
+        let duration: Histograms =
+            Family::new_with_constructor(duration_histogram as fn() -> Histogram);
+        let ok_2xx = requests
+            .get_or_create(&RequestLabels {
+                outcome: "ok",
+                code: "2xx",
+            })
+            .clone();
+        let ok_duration = duration
+            .get_or_create(&OutcomeLabels { outcome: "ok" })
+            .clone();
         Metrics {
-            requests: Family::default(),
-            duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
+            requests,
+            duration,
             auth_failures: Family::default(),
             rate_limited: Counter::default(),
             banned: Counter::default(),
             upstream_errors: Family::default(),
+            ok_2xx,
+            ok_duration,
         }
     }
 }
@@ -77,6 +94,11 @@ impl Default for Metrics {
 impl Metrics {
     /// Count one finished request.
     pub fn request(&self, outcome: &'static str, status: u16, seconds: f64) {
+        if outcome == "ok" && (200..300).contains(&status) {
+            self.ok_2xx.inc();
+            self.ok_duration.observe(seconds);
+            return;
+        }
         let code = match status {
             100..=199 => "1xx",
             200..=299 => "2xx",
