@@ -204,3 +204,77 @@ mod tests {
         assert_eq!(normalize("*"), Err(PathError::NotOrigin));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Segments built from the pieces path tricks are made of.
+    fn segment() -> impl Strategy<Value = String> {
+        prop::collection::vec(
+            prop_oneof![
+                Just("."),
+                Just(".."),
+                Just("%2e"),
+                Just("%2E%2e"),
+                Just("%2f"),
+                Just("%5c"),
+                Just("\\"),
+                Just(";"),
+                Just("..;"),
+                Just("%00"),
+                Just("%c0%ae"),
+                Just("api"),
+                Just("admin"),
+                Just("x"),
+                Just("%41"),
+                Just("é"),
+                Just(""),
+            ],
+            0..4,
+        )
+        .prop_map(|parts| parts.concat())
+    }
+
+    fn path() -> impl Strategy<Value = String> {
+        prop::collection::vec(segment(), 0..8).prop_map(|segs| format!("/{}", segs.join("/")))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        /// Whatever comes in, what comes out is canonical: normalising again changes nothing,
+        /// no segment is `.` or `..` (decoded), nothing is empty, and nothing encodes a separator.
+        #[test]
+        fn a_normalised_path_is_canonical(p in path()) {
+            if let Ok(n) = normalize(&p) {
+                prop_assert_eq!(normalize(&n), Ok(n.clone()));
+                prop_assert!(n.starts_with('/'));
+                for seg in n.split('/').skip(1) {
+                    prop_assert!(seg != "." && seg != "..", "{} from {}", n, p);
+                }
+                prop_assert!(!n.contains("//") || n == "/", "{} from {}", n, p);
+                let lower = n.to_ascii_lowercase();
+                prop_assert!(!lower.contains("%2f") && !lower.contains("%5c") && !n.contains('\\'));
+            }
+        }
+
+        /// A prefix rule judges the normalised path, so a path that passes `/api/*` really is
+        /// under `/api/`: no spelling smuggles `/admin` past it.
+        #[test]
+        fn nothing_escapes_the_prefix_an_allow_rule_checks(suffix in path()) {
+            let p = format!("/api{suffix}");
+            if let Ok(n) = normalize(&p) {
+                if let Some(rest) = n.strip_prefix("/api/") {
+                    let under: Vec<&str> = rest.split('/').collect();
+                    prop_assert!(!under.contains(&".."), "{} from {}", n, p);
+                }
+                let rule = crate::authz::Rule::parse("GET /api/*").unwrap();
+                if crate::authz::is_allowed(Some(std::slice::from_ref(&rule)), &http::Method::GET, &n) {
+                    prop_assert!(n.starts_with("/api/") || n == "/api", "{} allowed from {}", n, p);
+                }
+            }
+        }
+    }
+}

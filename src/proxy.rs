@@ -39,7 +39,53 @@ use crate::state::Snapshot;
 use crate::streams::{CredId, StreamKind, Streams};
 use crate::tunnel::{self, Limits, Watch};
 
-type UpstreamBody = Limited<Incoming>;
+type UpstreamBody = ClientBody;
+
+/// The client's request body on its way to the backend: limited to `max_body_bytes`, and with
+/// the client's own failures (bad chunking, a reset) told apart from the backend's.
+pub struct ClientBody(Limited<Incoming>);
+
+/// The client's request body failed: the client's fault, answered 400.
+#[derive(Debug)]
+struct ClientBodyError(Box<dyn std::error::Error + Send + Sync>);
+
+impl std::fmt::Display for ClientBodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "client request body: {}", self.0)
+    }
+}
+
+impl std::error::Error for ClientBodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.0.as_ref())
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.0).poll_frame(cx).map_err(|e| {
+            if e.is::<LengthLimitError>() {
+                e
+            } else {
+                Box::new(ClientBodyError(e)) as Self::Error
+            }
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.0.size_hint()
+    }
+}
 
 /// What the proxy sends back: the backend's body, or one of its own.
 pub type ResponseBody = LoggedBody;
@@ -489,7 +535,7 @@ impl Proxy {
             UpstreamProtocol::Http2 => Version::HTTP_2,
         };
 
-        let body = Limited::new(body, cfg.server.max_body_bytes as usize);
+        let body = ClientBody(Limited::new(body, cfg.server.max_body_bytes as usize));
         let upstream_req = Request::from_parts(parts, body);
         ex.unread_body = false;
         let sent = tokio::time::timeout(
@@ -506,6 +552,10 @@ impl Proxy {
             Ok(Err(e)) => {
                 if caused_by_body_limit(&e) {
                     return Err(Reject::PayloadTooLarge);
+                }
+                if caused_by::<ClientBodyError>(&e) {
+                    tracing::debug!(request_id = %ex.record.request_id, error = %error_chain(&e), "client request body failed");
+                    return Err(Reject::BadRequest);
                 }
                 self.metrics.upstream_error(upstream_error_kind(&e));
                 tracing::warn!(request_id = %ex.record.request_id, connect = e.is_connect(), error = %error_chain(&e), "upstream request failed");
@@ -761,6 +811,17 @@ fn upstream_error_kind(e: &hyper_util::client::legacy::Error) -> &'static str {
         cur = err.source();
     }
     "protocol"
+}
+
+fn caused_by<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<E>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 fn caused_by_body_limit(e: &(dyn std::error::Error + 'static)) -> bool {

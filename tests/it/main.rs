@@ -1,5 +1,6 @@
 //! Integration tests: a real backend and a real proxy on loopback, one test crate.
 
+mod adversarial;
 mod auth_api_key;
 mod cli;
 mod connections;
