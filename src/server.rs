@@ -152,6 +152,9 @@ impl Server {
             .max_header_list_size(config.server.max_header_bytes as u32)
             // No keep-alive pings: their bytes would keep an idle connection alive forever.
             .max_concurrent_streams(256)
+            // Rapid reset (CVE-2023-44487) and streams reset for our own errors: bounded.
+            .max_pending_accept_reset_streams(Some(20))
+            .max_local_error_reset_streams(Some(1024))
             // WebSocket over HTTP/2 (RFC 8441 extended CONNECT).
             .enable_connect_protocol();
         let builder = Arc::new(builder);

@@ -13,7 +13,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use crate::support::*;
 
 /// A client whose connections come from `ip`.
-fn client_from(ip: &str) -> Client<HttpConnector, Body> {
+pub fn client_from(ip: &str) -> Client<HttpConnector, Body> {
     let mut c = HttpConnector::new();
     c.set_local_address(Some(ip.parse().unwrap()));
     Client::builder(TokioExecutor::new()).build(c)

@@ -13,6 +13,7 @@ mod pki;
 mod redis;
 mod reload;
 mod shutdown;
+mod soak;
 mod streams;
 mod support;
 mod tls;

@@ -262,8 +262,15 @@ impl Proxy {
 
     /// As [`Proxy::start_with`], with `keys` as keys.toml.
     pub async fn start_with_keys(config: &str, keys: &str) -> Proxy {
+        Proxy::start_with_files(config, &[("keys.toml", keys)]).await
+    }
+
+    /// As [`Proxy::start_with`], with these files (name, content) in its directory.
+    pub async fn start_with_files(config: &str, files: &[(&str, &str)]) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("keys.toml"), keys).unwrap();
+        for (name, content) in files {
+            std::fs::write(dir.path().join(name), content).unwrap();
+        }
         let mut text = config.to_string();
         if !text.contains("[auth]") {
             text.push_str("\n[auth]\nkeys_file = \"keys.toml\"\n");
