@@ -384,12 +384,14 @@ impl Proxy {
                 inner,
                 ex: None,
                 watch: None,
+                idle_limit: self.limits.idle,
             }));
         }
         Ok(resp.map(|inner| LoggedBody {
             inner,
             ex: Some(ex),
             watch,
+            idle_limit: self.limits.idle,
         }))
     }
 
@@ -956,8 +958,10 @@ impl Drop for Exchange {
 pub struct LoggedBody {
     inner: Either<Incoming, Full<Bytes>>,
     ex: Option<Exchange>,
-    /// For a registered stream: the revocation, idle and lifetime limits.
+    /// For a registered stream: the revocation, idle and lifetime limits. For any other
+    /// backend body, an idle limit set up the first time it makes the client wait.
     watch: Option<Watch>,
+    idle_limit: std::time::Duration,
 }
 
 impl LoggedBody {
@@ -1009,6 +1013,11 @@ impl Body for LoggedBody {
             }
             Poll::Ready(None) => this.finish(),
             Poll::Pending => {
+                if this.watch.is_none() && matches!(this.inner, Either::Left(_)) {
+                    // Most bodies end within their first poll: the timer is only paid for
+                    // by those that make the client wait.
+                    this.watch = Some(Watch::idle_only(this.idle_limit));
+                }
                 if let Some(Poll::Ready(end)) = this.watch.as_mut().map(|w| w.poll_end(cx)) {
                     if let Some(ex) = this.ex.as_mut() {
                         ex.record.outcome = end.outcome();

@@ -142,8 +142,9 @@ async fn idle(activity: &Activity, limit: Duration) {
 
 /// The limits a streaming response body is polled against: revocation, idle, lifetime.
 pub struct Watch {
-    guard: StreamGuard,
-    revoked: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The stream's registration; `None` for a body of known length, which is only timed.
+    guard: Option<StreamGuard>,
+    revoked: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     idle: Pin<Box<Sleep>>,
     idle_limit: Duration,
     last_data: Instant,
@@ -154,12 +155,25 @@ impl Watch {
     pub fn new(guard: StreamGuard, limits: Limits) -> Watch {
         let revoked = Box::pin(guard.revoked().clone().cancelled_owned());
         Watch {
-            guard,
-            revoked,
+            guard: Some(guard),
+            revoked: Some(revoked),
             idle: Box::pin(tokio::time::sleep(limits.idle)),
             idle_limit: limits.idle,
             last_data: Instant::now(),
             lifetime: limits.lifetime.map(|d| Box::pin(tokio::time::sleep(d))),
+        }
+    }
+
+    /// Only the idle limit, for a response body of known length that stalls: a backend that
+    /// stops sending mid-body must not hold the client forever.
+    pub fn idle_only(idle: Duration) -> Watch {
+        Watch {
+            guard: None,
+            revoked: None,
+            idle: Box::pin(tokio::time::sleep(idle)),
+            idle_limit: idle,
+            last_data: Instant::now(),
+            lifetime: None,
         }
     }
 
@@ -168,14 +182,16 @@ impl Watch {
         self.last_data = Instant::now();
     }
 
-    pub fn kind(&self) -> crate::streams::StreamKind {
-        self.guard.kind()
+    pub fn kind(&self) -> Option<crate::streams::StreamKind> {
+        self.guard.as_ref().map(StreamGuard::kind)
     }
 
     /// `Ready(end)` when the stream must end now.
     pub fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<End> {
-        if self.revoked.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(End::Revoked);
+        if let Some(revoked) = &mut self.revoked {
+            if revoked.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(End::Revoked);
+            }
         }
         if let Some(l) = &mut self.lifetime {
             if l.as_mut().poll(cx).is_ready() {

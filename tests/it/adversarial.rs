@@ -209,6 +209,12 @@ async fn faulty_backend(what: &'static str) -> SocketAddr {
                     "hang" => {
                         tokio::time::sleep(Duration::from_secs(60)).await;
                     }
+                    "stall" => {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly a part")
+                            .await;
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                    }
                     "short" => {
                         let _ = s
                             .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly a part")
@@ -254,4 +260,27 @@ async fn backend_faults_give_the_documented_status_and_never_hang() {
         .await
         .expect("the cut body ends promptly");
     assert!(body.is_err(), "a truncated body looked complete");
+}
+
+#[tokio::test]
+async fn a_backend_that_stalls_mid_body_is_cut_at_stream_idle_timeout() {
+    let addr = faulty_backend("stall").await;
+    let proxy =
+        Proxy::with_server(&format!("http://{addr}"), "stream_idle_timeout = \"300ms\"").await;
+    let resp = client()
+        .request(
+            http::Request::get(proxy.url("/x"))
+                .header("x-api-key", PROD_KEY)
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    use http_body_util::BodyExt;
+    let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
+        .await
+        .expect("the stalled body is cut, not waited on forever");
+    assert!(body.is_err());
+    let lines = proxy.access_lines(1).await;
+    assert_eq!(lines[0]["outcome"], "stream_idle_timeout");
 }
