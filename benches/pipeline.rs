@@ -148,5 +148,26 @@ fn rate_limit(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, bench, rate_limit);
+/// What a reload of a large keys file costs: parsing and validating 10,000 keys (the swap
+/// itself is one pointer store).
+fn reload(c: &mut Criterion) {
+    let mut text = String::new();
+    for n in 0..10_000u32 {
+        let key = format!("mas_reload_bench_key_{n:0>32}");
+        text.push_str(&format!(
+            "[[keys]]\nname = \"client-{n}\"\n{}\nallow = [\"GET /api/*\", \"POST /api/v1/invoke\"]\n\n",
+            portcullis::auth::api_key::sha256_entry(&key)
+        ));
+    }
+    let path = Path::new("keys.toml");
+    assert_eq!(KeySet::parse(path, &text).unwrap().len(), 10_000);
+    let mut group = c.benchmark_group("reload");
+    group.sample_size(10);
+    group.bench_function("parse a keys file of 10,000 keys", |b| {
+        b.iter(|| KeySet::parse(path, &text).unwrap())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench, rate_limit, reload);
 criterion_main!(benches);
