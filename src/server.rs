@@ -169,6 +169,7 @@ impl Server {
             force: server.force.clone(),
             tracker: server.tracker.clone(),
             idle_timeout: config.server.idle_timeout,
+            stream_idle_timeout: config.server.stream_idle_timeout,
         };
         let admin_ctx = Accept {
             limit: Arc::new(Semaphore::new(64)),
@@ -367,6 +368,9 @@ struct Accept {
     force: CancellationToken,
     tracker: TaskTracker,
     idle_timeout: Duration,
+    /// A connection with requests in flight but no bytes moving for this long is closed (a
+    /// client that stopped reading a response, a backend that stalls).
+    stream_idle_timeout: Duration,
 }
 
 impl Accept {
@@ -462,14 +466,22 @@ impl Accept {
                 _ = self.force.cancelled() => return,
                 _ = &mut idle_timer, if !draining => {
                     let busy = activity.in_flight.load(std::sync::atomic::Ordering::Relaxed) > 0;
+                    let now = tokio::time::Instant::now().into_std();
                     let deadline = activity.last() + idle;
-                    if !busy && deadline <= tokio::time::Instant::now().into_std() {
+                    let stalled_at = activity.last() + self.stream_idle_timeout;
+                    if busy && stalled_at <= now {
+                        // Requests in flight and nothing moving either way: a client that
+                        // stopped reading. Closing is the only way to free what it holds.
+                        tracing::debug!(peer = %peer, "no bytes moved for stream_idle_timeout with requests in flight; closing connection");
+                        return;
+                    }
+                    if !busy && deadline <= now {
                         tracing::debug!(peer = %peer, "idle timeout; closing connection");
                         draining = true;
                         conn.as_mut().graceful_shutdown();
                     } else {
-                        let next = if busy { tokio::time::Instant::now() + idle } else { deadline.into() };
-                        idle_timer.as_mut().reset(next);
+                        let next = if busy { (now + idle).min(stalled_at) } else { deadline };
+                        idle_timer.as_mut().reset(next.into());
                     }
                 }
             }

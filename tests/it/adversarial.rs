@@ -284,3 +284,40 @@ async fn a_backend_that_stalls_mid_body_is_cut_at_stream_idle_timeout() {
     let lines = proxy.access_lines(1).await;
     assert_eq!(lines[0]["outcome"], "stream_idle_timeout");
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_a_large_response_is_disconnected() {
+    let big = bytes::Bytes::from(vec![b'x'; 32 * 1024 * 1024]);
+    let backend = Backend::with(move |_req| {
+        let big = big.clone();
+        async move { http::Response::new(full(big)) }
+    })
+    .await;
+    let proxy = Proxy::with_server(
+        &backend.url(),
+        "idle_timeout = \"300ms\"\nstream_idle_timeout = \"500ms\"",
+    )
+    .await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let request = format!("GET /big HTTP/1.1\r\nHost: x\r\nX-API-Key: {PROD_KEY}\r\n\r\n");
+    s.write_all(request.as_bytes()).await.unwrap();
+    // The slow reader: reads nothing while the proxy's send buffer fills and stays full.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Now drain: a connection the proxy closed ends long before the 32 MiB body does.
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0usize;
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return true,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the stalled connection was never closed");
+    assert!(
+        total < 32 * 1024 * 1024,
+        "the whole body was delivered: {total} bytes"
+    );
+}
