@@ -388,3 +388,33 @@ async fn shutdown_closes_open_websockets_when_the_grace_runs_out() {
     assert!(stopped.is_ok(), "shutdown waited on the tunnel forever");
     until_closed(&mut ws).await;
 }
+
+#[tokio::test]
+async fn a_backend_that_drops_a_websocket_closes_the_client_side_too() {
+    // Answers the handshake, echoes one message, then drops the connection.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                if let Some(Ok(msg)) = ws.next().await {
+                    let _ = ws.send(msg).await;
+                }
+                drop(ws);
+            });
+        }
+    });
+    let proxy = Proxy::start(&format!("http://{addr}"), "").await;
+    let mut ws = connect_ws(&proxy, "/mcp", &[("x-api-key", PROD_KEY)])
+        .await
+        .unwrap();
+    ws.send(Message::text("last")).await.unwrap();
+    assert_eq!(next_message(&mut ws).await, Message::text("last"));
+    until_closed(&mut ws).await;
+    wait_streams(&proxy, StreamKind::WebSocket, 0).await;
+    let lines = proxy.access_lines(1).await;
+    assert_eq!(lines[0]["status"], 101);
+}
