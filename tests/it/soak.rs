@@ -243,6 +243,18 @@ async fn a_mixed_soak_fails_no_valid_request_and_leaves_every_gauge_at_zero() {
         })
     };
 
+    // The test backend records every request it sees; forget them so that the process's
+    // memory reflects the proxy and its clients.
+    let backend = Arc::new(backend);
+    let drain = {
+        let (stop, backend) = (stop.clone(), backend.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                backend.take();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
     let start = Instant::now();
     let rss_start = rss_kb();
     tokio::time::sleep(Duration::from_secs(seconds / 2)).await;
@@ -254,6 +266,7 @@ async fn a_mixed_soak_fails_no_valid_request_and_leaves_every_gauge_at_zero() {
         t.await.unwrap();
     }
     let reloads = reloader.await.unwrap();
+    drain.await.unwrap();
     eprintln!(
         "soak: {:?}, {} exchanges, {} keys-file rewrites, test-process RSS {} / {} / {} kB (start / middle / end)",
         start.elapsed(),
