@@ -21,6 +21,38 @@ pub fn lines_of(from: impl std::io::Read + Send + 'static) -> std::sync::mpsc::R
     rx
 }
 
+/// The binary, running `config` written as `dir/proxy.toml` (its `[log]` must say
+/// `format = "json"`): the process, its stderr lines, and the address it listens on.
+pub struct Running {
+    pub child: std::process::Child,
+    pub addr: std::net::SocketAddr,
+    pub lines: std::sync::mpsc::Receiver<String>,
+}
+
+pub fn run_binary(dir: &std::path::Path, config: &str) -> Running {
+    let path = dir.join("proxy.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = bin()
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(child.stderr.take().unwrap());
+    let addr = loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the startup line");
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+            if v["message"] == "portcullis listening" {
+                break v["listen"].as_str().unwrap().parse().unwrap();
+            }
+        }
+    };
+    Running { child, addr, lines }
+}
+
 /// Send `signal` (as `kill` spells it) and wait up to 10 s for the process to exit.
 pub async fn stop(child: &mut std::process::Child, signal: &str) -> std::process::ExitStatus {
     let sent = Command::new("kill")
@@ -230,30 +262,15 @@ async fn sigterm_stops_the_binary_cleanly() {
     let backend = Backend::ok().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("keys.toml"), keys_file()).unwrap();
-    let config = dir.path().join("proxy.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let Running {
+        mut child, addr, ..
+    } = run_binary(
+        dir.path(),
+        &format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[upstream]\nurl = \"{}\"\n[auth]\nkeys_file = \"keys.toml\"\n[log]\nformat = \"json\"\naccess_log = \"off\"\n",
             backend.url()
         ),
-    )
-    .unwrap();
-    let mut child = bin()
-        .arg("run")
-        .arg("--config")
-        .arg(&config)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The listening line carries the bound address.
-    let rx = lines_of(child.stderr.take().unwrap());
-    let line = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("a startup line");
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-    assert_eq!(v["message"], "portcullis listening");
-    let addr: std::net::SocketAddr = v["listen"].as_str().unwrap().parse().unwrap();
+    );
     let r = get(&format!("http://{addr}/x"), &[("x-api-key", PROD_KEY)]).await;
     assert_eq!(r.status, 200);
 
@@ -276,28 +293,15 @@ async fn sighup_reloads_a_keys_file_the_watcher_cannot_see_change() {
         |name: &str, key: &str| format!("[[keys]]\nname = \"{name}\"\napi_key = \"{key}\"\n");
     std::fs::write(&target, entry("first", PROD_KEY)).unwrap();
     std::os::unix::fs::symlink(&target, dir.path().join("keys.toml")).unwrap();
-    let config = dir.path().join("proxy.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let Running {
+        mut child, addr, ..
+    } = run_binary(
+        dir.path(),
+        &format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[upstream]\nurl = \"{}\"\n[auth]\nkeys_file = \"keys.toml\"\n[ban]\nenabled = false\n[log]\nformat = \"json\"\naccess_log = \"off\"\n",
             backend.url()
         ),
-    )
-    .unwrap();
-    let mut child = bin()
-        .arg("run")
-        .arg("--config")
-        .arg(&config)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let rx = lines_of(child.stderr.take().unwrap());
-    let line = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("a startup line");
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-    let addr: std::net::SocketAddr = v["listen"].as_str().unwrap().parse().unwrap();
+    );
     let url = format!("http://{addr}/x");
     assert_eq!(get(&url, &[("x-api-key", PROD_KEY)]).await.status, 200);
 

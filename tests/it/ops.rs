@@ -1,12 +1,11 @@
 //! Operations: Prometheus metrics parsed with a real exposition parser, access log formats,
 //! redaction of every secret from every log line, logrotate's SIGUSR1, secrets from files.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use http::Response;
 
-use crate::cli::{bin, lines_of, stop};
+use crate::cli::{run_binary, stop, Running};
 use crate::support::*;
 
 /// Scrape `/metrics` and parse it.
@@ -272,39 +271,19 @@ async fn no_secret_reaches_any_log_line_at_trace_level() {
         format!("alice:{}\n", bcrypt::hash(password, 4).unwrap()),
     )
     .unwrap();
-    let config = dir.path().join("proxy.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let Running {
+        mut child,
+        addr,
+        lines: rx,
+    } = run_binary(
+        dir.path(),
+        &format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
              [upstream]\nurl = \"{}\"\n[auth]\nkeys_file = \"keys.toml\"\nhtpasswd_file = \"htpasswd\"\n\
              [log]\nlevel = \"trace\"\nformat = \"json\"\naccess_log = \"access.log\"\n",
             backend.url()
         ),
-    )
-    .unwrap();
-    let mut child = bin()
-        .arg("run")
-        .arg("--config")
-        .arg(&config)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let rx = lines_of(child.stderr.take().unwrap());
-    let addr = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("a startup line");
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-            if v["message"] == "portcullis listening" {
-                break v["listen"]
-                    .as_str()
-                    .unwrap()
-                    .parse::<std::net::SocketAddr>()
-                    .unwrap();
-            }
-        }
-    };
+    );
     let url = format!("http://{addr}");
     let cookie = "session=cookie-secret-4242";
     let proxy_auth = "Basic cHJveHktc2VjcmV0LTk5OTk=";
@@ -367,30 +346,18 @@ async fn sigusr1_reopens_the_access_log_after_logrotate_moved_it() {
     let backend = Backend::ok().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("keys.toml"), keys_file()).unwrap();
-    let config = dir.path().join("proxy.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let Running {
+        mut child, addr, ..
+    } = run_binary(
+        dir.path(),
+        &format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
              [upstream]\nurl = \"{}\"\n[auth]\nkeys_file = \"keys.toml\"\n\
              [log]\nformat = \"json\"\naccess_log = \"access.log\"\n",
             backend.url()
         ),
-    )
-    .unwrap();
-    let mut child = bin()
-        .arg("run")
-        .arg("--config")
-        .arg(&config)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let rx = lines_of(child.stderr.take().unwrap());
-    let line = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("a startup line");
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-    let url = format!("http://{}/x", v["listen"].as_str().unwrap());
+    );
+    let url = format!("http://{addr}/x");
     let log = dir.path().join("access.log");
     get(&url, &[("x-api-key", PROD_KEY)]).await;
     eventually(Duration::from_secs(5), || {

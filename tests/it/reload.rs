@@ -6,14 +6,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use portcullis::streams::StreamKind;
-use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 
 use crate::streams::{next_chunk, open_stream, Sender};
 use crate::support::*;
@@ -295,28 +292,8 @@ async fn mixed_backend(senders: Arc<Mutex<Vec<Sender>>>) -> Backend {
     Backend::with(move |mut req: Request<Incoming>| {
         let senders = senders.clone();
         async move {
-            if let Some(key) = req.headers().get("sec-websocket-key") {
-                let accept =
-                    tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-                let on = hyper::upgrade::on(&mut req);
-                tokio::spawn(async move {
-                    let Ok(up) = on.await else { return };
-                    let mut ws =
-                        WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, None)
-                            .await;
-                    while let Some(Ok(msg)) = ws.next().await {
-                        if msg.is_text() && ws.send(msg).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-                return Response::builder()
-                    .status(101)
-                    .header("connection", "upgrade")
-                    .header("upgrade", "websocket")
-                    .header("sec-websocket-accept", accept)
-                    .body(full(""))
-                    .unwrap();
+            if let Some(resp) = crate::websocket::websocket_echo(&mut req) {
+                return resp;
             }
             let (tx, body) = channel_body();
             senders.lock().unwrap().push(tx);

@@ -7,14 +7,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use portcullis::streams::StreamKind;
-use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 
 use crate::limits::client_from;
 use crate::support::*;
@@ -25,27 +22,8 @@ const LIMITED_KEY: &str = "mas_SoakLimited000000000000000000000000000000000000";
 /// Plain requests get "ok", `/events` three SSE events, an upgrade a WebSocket echo.
 async fn soak_backend() -> Backend {
     Backend::with(|mut req: Request<Incoming>| async move {
-        if let Some(key) = req.headers().get("sec-websocket-key") {
-            let accept =
-                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-            let on = hyper::upgrade::on(&mut req);
-            tokio::spawn(async move {
-                let Ok(up) = on.await else { return };
-                let mut ws =
-                    WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, None).await;
-                while let Some(Ok(msg)) = ws.next().await {
-                    if msg.is_text() && ws.send(msg).await.is_err() {
-                        return;
-                    }
-                }
-            });
-            return Response::builder()
-                .status(101)
-                .header("connection", "upgrade")
-                .header("upgrade", "websocket")
-                .header("sec-websocket-accept", accept)
-                .body(full(""))
-                .unwrap();
+        if let Some(resp) = crate::websocket::websocket_echo(&mut req) {
+            return resp;
         }
         if req.uri().path() == "/events" {
             let (tx, body) = channel_body();

@@ -89,6 +89,36 @@ impl EchoBackend {
 
 pub type Ws = WebSocketStream<TcpStream>;
 
+/// For a backend built on [`Backend::with`]: if `req` is a WebSocket handshake, answer 101 and
+/// echo its text messages once upgraded.
+pub fn websocket_echo(
+    req: &mut http::Request<hyper::body::Incoming>,
+) -> Option<http::Response<Body>> {
+    let key = req.headers().get("sec-websocket-key")?;
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let on = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        let Ok(up) = on.await else { return };
+        let mut ws =
+            WebSocketStream::from_raw_socket(hyper_util::rt::TokioIo::new(up), Role::Server, None)
+                .await;
+        while let Some(Ok(msg)) = ws.next().await {
+            if msg.is_text() && ws.send(msg).await.is_err() {
+                return;
+            }
+        }
+    });
+    Some(
+        http::Response::builder()
+            .status(101)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-accept", accept)
+            .body(full(""))
+            .unwrap(),
+    )
+}
+
 /// Open a WebSocket to the proxy at `path` with `headers`.
 pub async fn connect_ws(
     proxy: &Proxy,
