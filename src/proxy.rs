@@ -552,7 +552,7 @@ impl Proxy {
                 return Err(Reject::UpstreamTimeout);
             }
             Ok(Err(e)) => {
-                if caused_by_body_limit(&e) {
+                if caused_by::<LengthLimitError>(&e) {
                     return Err(Reject::PayloadTooLarge);
                 }
                 if caused_by::<ClientBodyError>(&e) {
@@ -826,17 +826,6 @@ fn caused_by<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'stati
     false
 }
 
-fn caused_by_body_limit(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if err.is::<LengthLimitError>() {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
-}
-
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
@@ -1076,10 +1065,10 @@ mod tests {
         }
         let limited = Limited::new(Full::new(Bytes::from_static(b"12345")), 1);
         let err = futures_lite_block_on_err(limited);
-        assert!(caused_by_body_limit(&Wrap(
+        assert!(caused_by::<LengthLimitError>(&Wrap(
             *err.downcast::<LengthLimitError>().unwrap()
         )));
-        assert!(!caused_by_body_limit(&std::io::Error::other("x")));
+        assert!(!caused_by::<LengthLimitError>(&std::io::Error::other("x")));
     }
 
     fn futures_lite_block_on_err(
