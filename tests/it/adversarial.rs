@@ -321,3 +321,55 @@ async fn a_client_that_stops_reading_a_large_response_is_disconnected() {
         "the whole body was delivered: {total} bytes"
     );
 }
+
+#[tokio::test]
+async fn an_http2_rapid_reset_flood_is_cut_off_and_others_are_still_served() {
+    let backend = Backend::ok().await;
+    let proxy = Proxy::with_server(
+        &backend.url(),
+        "max_connections_per_ip = 1000\n[rate_limit]\nenabled = false",
+    )
+    .await;
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(conn);
+    // Open streams and reset each at once (CVE-2023-44487), far past the server's budget.
+    let mut sent = 0;
+    for _ in 0..5_000 {
+        let req = http::Request::get(format!("http://{}/api", proxy.addr))
+            .header("x-api-key", PROD_KEY)
+            .body(())
+            .unwrap();
+        let Ok(ready) = h2.clone().ready().await else {
+            break;
+        };
+        h2 = ready;
+        let Ok((response, mut stream)) = h2.send_request(req, false) else {
+            break;
+        };
+        stream.send_reset(h2::Reason::CANCEL);
+        drop(response);
+        sent += 1;
+    }
+    // The server sends GOAWAY (ENHANCE_YOUR_CALM) and closes; the handle is still held
+    // here, so the connection can only have ended from the server's side.
+    let ended = tokio::time::timeout(Duration::from_secs(10), driver)
+        .await
+        .unwrap_or_else(|_| panic!("the flooding connection was never closed ({sent} resets sent)"))
+        .unwrap();
+    let err = ended.expect_err("the server ended the connection with an error");
+    // GOAWAY(ENHANCE_YOUR_CALM), or the closed socket under the client's next write.
+    assert!(
+        err.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) || err.is_io(),
+        "{err}"
+    );
+    let served = backend.count();
+    assert!(
+        served < sent / 2,
+        "{served} of {sent} reset streams reached the backend"
+    );
+    drop(h2);
+    // Everyone else is still served.
+    let r = get(&proxy.url("/api"), &[("x-api-key", PROD_KEY)]).await;
+    assert_eq!(r.status, 200);
+}
