@@ -114,11 +114,6 @@ impl PerIp {
             ip,
         })
     }
-
-    pub fn open_from(&self, ip: IpAddr) -> u32 {
-        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        open.get(&canonical(ip)).copied().unwrap_or(0)
-    }
 }
 
 impl Drop for IpSlot {

@@ -165,10 +165,6 @@ impl StreamGuard {
     pub fn revoked(&self) -> &CancellationToken {
         &self.cancel
     }
-
-    pub fn kind(&self) -> StreamKind {
-        self.kind
-    }
 }
 
 impl Drop for StreamGuard {

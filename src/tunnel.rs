@@ -142,8 +142,9 @@ async fn idle(activity: &Activity, limit: Duration) {
 
 /// The limits a streaming response body is polled against: revocation, idle, lifetime.
 pub struct Watch {
-    /// The stream's registration; `None` for a body of known length, which is only timed.
-    guard: Option<StreamGuard>,
+    /// The stream's registration, held until the body ends; `None` for a body of known
+    /// length, which is only timed.
+    _guard: Option<StreamGuard>,
     revoked: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     idle: Pin<Box<Sleep>>,
     idle_limit: Duration,
@@ -155,7 +156,7 @@ impl Watch {
     pub fn new(guard: StreamGuard, limits: Limits) -> Watch {
         let revoked = Box::pin(guard.revoked().clone().cancelled_owned());
         Watch {
-            guard: Some(guard),
+            _guard: Some(guard),
             revoked: Some(revoked),
             idle: Box::pin(tokio::time::sleep(limits.idle)),
             idle_limit: limits.idle,
@@ -168,7 +169,7 @@ impl Watch {
     /// stops sending mid-body must not hold the client forever.
     pub fn idle_only(idle: Duration) -> Watch {
         Watch {
-            guard: None,
+            _guard: None,
             revoked: None,
             idle: Box::pin(tokio::time::sleep(idle)),
             idle_limit: idle,
@@ -180,10 +181,6 @@ impl Watch {
     /// Data moved: the idle clock starts again (the timer is moved lazily when it fires).
     pub fn touch(&mut self) {
         self.last_data = Instant::now();
-    }
-
-    pub fn kind(&self) -> Option<crate::streams::StreamKind> {
-        self.guard.as_ref().map(StreamGuard::kind)
     }
 
     /// `Ready(end)` when the stream must end now.
