@@ -373,3 +373,77 @@ async fn an_http2_rapid_reset_flood_is_cut_off_and_others_are_still_served() {
     let r = get(&proxy.url("/api"), &[("x-api-key", PROD_KEY)]).await;
     assert_eq!(r.status, 200);
 }
+
+/// One HTTP/2 frame: 9-byte header (length, type, flags, stream id) and the payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = Vec::with_capacity(9 + payload.len());
+    f.extend_from_slice(&len.to_be_bytes()[1..]);
+    f.extend_from_slice(&[kind, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+#[tokio::test]
+async fn an_http2_continuation_flood_is_cut_off_before_the_backend() {
+    let backend = Backend::ok().await;
+    let proxy = Proxy::start(&backend.url(), "").await;
+    let mut tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+    tcp.write_all(&h2_frame(0x4, 0, 0, &[])).await.unwrap(); // SETTINGS
+    // HEADERS without END_HEADERS: :method GET, :scheme http, :path /, :authority, x-api-key.
+    let authority = proxy.addr.to_string();
+    let mut block = vec![0x82, 0x86, 0x84, 0x41, authority.len() as u8];
+    block.extend_from_slice(authority.as_bytes());
+    block.extend_from_slice(&[0x00, 9]);
+    block.extend_from_slice(b"x-api-key");
+    block.push(PROD_KEY.len() as u8);
+    block.extend_from_slice(PROD_KEY.as_bytes());
+    tcp.write_all(&h2_frame(0x1, 0x1, 1, &block)).await.unwrap();
+    // Then CONTINUATION frames that never end the header block (CVE-2024-27316 and kin): each
+    // one a small valid header field, so only a bound on the frames or the list stops it.
+    let mut field = vec![0x00, 3];
+    field.extend_from_slice(b"x-p");
+    field.push(16);
+    field.extend_from_slice(b"aaaaaaaaaaaaaaaa");
+    let frame = h2_frame(0x9, 0, 1, &field);
+    let flood = frame.repeat(1_000);
+    let (mut rd, mut wr) = tcp.into_split();
+    let writer = tokio::spawn(async move {
+        let mut sent = 0usize;
+        for _ in 0..200 {
+            if wr.write_all(&flood).await.is_err() {
+                return (sent, true);
+            }
+            sent += 1_000;
+        }
+        (sent, false)
+    });
+    // The server answers with GOAWAY and closes; read until it does.
+    let mut got = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut got)).await;
+    assert!(closed.is_ok(), "the flooding connection was never closed");
+    let (sent, write_failed) = tokio::time::timeout(Duration::from_secs(10), writer)
+        .await
+        .expect("the flood writer finished")
+        .unwrap();
+    assert!(
+        write_failed,
+        "all {sent} CONTINUATION frames (about {} MB) were accepted",
+        sent * frame.len() / 1_000_000
+    );
+    // A GOAWAY frame (type 7) is among what the server sent before closing.
+    let mut at = 0;
+    let mut goaway = false;
+    while at + 9 <= got.len() {
+        let len = u32::from_be_bytes([0, got[at], got[at + 1], got[at + 2]]) as usize;
+        goaway |= got[at + 3] == 0x7;
+        at += 9 + len;
+    }
+    assert!(goaway, "no GOAWAY in {} bytes from the server", got.len());
+    assert_eq!(backend.count(), 0, "the unfinished request reached the backend");
+    // Everyone else is still served.
+    let r = get(&proxy.url("/api"), &[("x-api-key", PROD_KEY)]).await;
+    assert_eq!(r.status, 200);
+}
