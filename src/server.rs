@@ -13,8 +13,6 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
@@ -140,15 +138,14 @@ impl Server {
             tracker,
         };
 
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
+        // One builder per protocol rather than hyper-util's auto builder: a connection then
+        // holds only its own protocol's state (an HTTP/1.1 connection pays nothing for HTTP/2).
+        let mut h1 = hyper::server::conn::http1::Builder::new();
+        h1.timer(TokioTimer::new())
             .header_read_timeout(config.server.header_read_timeout)
             .max_buf_size(config.server.max_header_bytes.max(8192));
-        builder
-            .http2()
-            .timer(TokioTimer::new())
+        let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
             .max_header_list_size(config.server.max_header_bytes as u32)
             // No keep-alive pings: their bytes would keep an idle connection alive forever.
             .max_concurrent_streams(256)
@@ -157,7 +154,7 @@ impl Server {
             .max_local_error_reset_streams(Some(1024))
             // WebSocket over HTTP/2 (RFC 8441 extended CONNECT).
             .enable_connect_protocol();
-        let builder = Arc::new(builder);
+        let builders = Arc::new(Builders { h1, h2 });
 
         let ctx = Accept {
             limit: Arc::new(Semaphore::new(config.server.max_connections)),
@@ -188,22 +185,26 @@ impl Server {
             let ctx = ctx.clone();
             move |stream: TcpStream, peer: SocketAddr, activity: Arc<Activity>, permit: ConnSlot| {
                 let proxy = proxy.clone();
-                let builder = builder.clone();
-                let io = ActivityIo::new(stream, activity.clone());
+                let builders = builders.clone();
                 let ctx = ctx.clone();
                 let acceptor = acceptor.clone();
                 async move {
                     let Some(acceptor) = acceptor else {
+                        // Nothing but this small task is held for a connection that has not
+                        // sent a byte; hyper's buffers come with the first one.
+                        let Some(h2) = ctx.first_bytes(&stream, peer).await else {
+                            return;
+                        };
                         let info = Arc::new(ConnInfo {
                             peer,
                             activity: activity.clone(),
                             client_cert: None,
                             slot: permit,
                         });
-                        let svc = service_fn(move |req| proxy.clone().handle(req, info.clone()));
-                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-                        return ctx.drive(conn, &activity, peer).await;
+                        let io = TokioIo::new(ActivityIo::new(stream, activity));
+                        return ctx.serve_proxied(io, h2, proxy, info, &builders).await;
                     };
+                    let io = ActivityIo::new(stream, activity.clone());
                     let stream =
                         match tokio::time::timeout(handshake_timeout, acceptor.accept(io)).await {
                             Ok(Ok(s)) => s,
@@ -216,22 +217,21 @@ impl Server {
                                 return;
                             }
                         };
-                    let client_cert = stream
-                        .get_ref()
-                        .1
+                    let tls = stream.get_ref().1;
+                    let h2 = tls.alpn_protocol() == Some(b"h2");
+                    let client_cert = tls
                         .peer_certificates()
                         .and_then(|chain| chain.first())
                         .and_then(crate::tls::client_identity)
                         .map(Arc::from);
                     let info = Arc::new(ConnInfo {
                         peer,
-                        activity: activity.clone(),
+                        activity,
                         client_cert,
                         slot: permit,
                     });
-                    let svc = service_fn(move |req| proxy.clone().handle(req, info.clone()));
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    ctx.drive(conn, &activity, peer).await;
+                    ctx.serve_proxied(TokioIo::new(stream), h2, proxy, info, &builders)
+                        .await;
                 }
             }
         };
@@ -373,6 +373,62 @@ struct Accept {
     stream_idle_timeout: Duration,
 }
 
+/// The public listener's connection builders.
+struct Builders {
+    h1: hyper::server::conn::http1::Builder,
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A hyper server connection that can be asked to finish its requests and close.
+trait Graceful: std::future::Future<Output = hyper::Result<()>> {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, B, S> Graceful for hyper::server::conn::http1::Connection<I, S>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<BoxError>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http1::Connection::graceful_shutdown(self);
+    }
+}
+
+impl<I, B, S> Graceful for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<BoxError>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(self);
+    }
+}
+
+impl<I, B, S, E> Graceful for hyper::server::conn::http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<BoxError>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http2::Connection::graceful_shutdown(self);
+    }
+}
+
+/// The HTTP/2 client preface starts with this; nothing else a client sends does.
+const H2_PREFACE_START: &[u8] = b"PRI ";
+
 impl Accept {
     /// Accept until shutdown. Over `max_connections`, a new connection is closed at once.
     /// Accept errors (EMFILE and the like) back off and never end the loop.
@@ -439,12 +495,63 @@ impl Accept {
         }
     }
 
+    /// Wait for a plain connection's first bytes and tell whether it speaks HTTP/2 (prior
+    /// knowledge); `None` when it closes, stays silent for `idle_timeout`, or the server stops.
+    async fn first_bytes(&self, stream: &TcpStream, peer: SocketAddr) -> Option<bool> {
+        let sniff = async {
+            let mut buf = [0u8; 4];
+            loop {
+                let n = stream.peek(&mut buf).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                if n == buf.len() || buf[..n] != H2_PREFACE_START[..n] {
+                    return Some(buf[..n] == *H2_PREFACE_START);
+                }
+                // A prefix of the preface: wait for the rest (peek does not consume, so it
+                // would return at once).
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::select! {
+            h2 = sniff => h2,
+            _ = tokio::time::sleep(self.idle_timeout) => {
+                tracing::debug!(peer = %peer, "no request within idle_timeout; closing connection");
+                None
+            }
+            _ = self.shutdown.cancelled() => None,
+        }
+    }
+
+    /// Serve one proxy connection with the protocol it speaks. The connection's state lives in
+    /// one allocation sized for that protocol, and each request's in another.
+    async fn serve_proxied<I>(
+        &self,
+        io: I,
+        h2: bool,
+        proxy: Arc<Proxy>,
+        info: Arc<ConnInfo>,
+        builders: &Builders,
+    ) where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let peer = info.peer;
+        let activity = info.activity.clone();
+        let svc = service_fn(move |req| Box::pin(proxy.clone().handle(req, info.clone())));
+        if h2 {
+            let conn = builders.h2.serve_connection(io, svc);
+            Box::pin(self.drive(conn, &activity, peer)).await
+        } else {
+            let conn = builders.h1.serve_connection(io, svc).with_upgrades();
+            Box::pin(self.drive(conn, &activity, peer)).await
+        }
+    }
+
     /// Run one proxy connection to its end: graceful close on shutdown or when idle, abrupt
     /// close when the shutdown grace runs out.
     async fn drive<C>(&self, conn: C, activity: &Activity, peer: SocketAddr)
     where
-        C: GracefulConnection,
-        C::Error: std::fmt::Display,
+        C: Graceful,
     {
         tokio::pin!(conn);
         let idle = self.idle_timeout;

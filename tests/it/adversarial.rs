@@ -390,9 +390,11 @@ async fn an_http2_continuation_flood_is_cut_off_before_the_backend() {
     let backend = Backend::ok().await;
     let proxy = Proxy::start(&backend.url(), "").await;
     let mut tcp = TcpStream::connect(proxy.addr).await.unwrap();
-    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
     tcp.write_all(&h2_frame(0x4, 0, 0, &[])).await.unwrap(); // SETTINGS
-    // HEADERS without END_HEADERS: :method GET, :scheme http, :path /, :authority, x-api-key.
+                                                             // HEADERS without END_HEADERS: :method GET, :scheme http, :path /, :authority, x-api-key.
     let authority = proxy.addr.to_string();
     let mut block = vec![0x82, 0x86, 0x84, 0x41, authority.len() as u8];
     block.extend_from_slice(authority.as_bytes());
@@ -442,7 +444,11 @@ async fn an_http2_continuation_flood_is_cut_off_before_the_backend() {
         at += 9 + len;
     }
     assert!(goaway, "no GOAWAY in {} bytes from the server", got.len());
-    assert_eq!(backend.count(), 0, "the unfinished request reached the backend");
+    assert_eq!(
+        backend.count(),
+        0,
+        "the unfinished request reached the backend"
+    );
     // Everyone else is still served.
     let r = get(&proxy.url("/api"), &[("x-api-key", PROD_KEY)]).await;
     assert_eq!(r.status, 200);
