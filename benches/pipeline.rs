@@ -166,6 +166,15 @@ fn reload(c: &mut Criterion) {
     group.bench_function("parse a keys file of 10,000 keys", |b| {
         b.iter(|| KeySet::parse(path, &text).unwrap())
     });
+    // The floor under it: the TOML parser alone, before any of our checks.
+    group.bench_function("the TOML parse alone", |b| {
+        b.iter(|| {
+            toml::de::DeTable::parse_recoverable(&text)
+                .0
+                .into_inner()
+                .len()
+        })
+    });
     group.finish();
 }
 

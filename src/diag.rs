@@ -96,7 +96,7 @@ const MAX_ERRORS: usize = 64;
 /// caller can go on to check meaning, and the errors. `T` should make every field optional (or
 /// defaulted) and check required fields itself: a "missing field" error has no useful position.
 pub fn parse_toml<T: DeserializeOwned>(src: &Source<'_>) -> (Option<T>, Vec<Diagnostic>) {
-    let (mut root, syntax) = DeTable::parse_recoverable(src.text);
+    let (root, syntax) = DeTable::parse_recoverable(src.text);
     if !syntax.is_empty() {
         let errors = syntax
             .iter()
@@ -110,24 +110,29 @@ pub fn parse_toml<T: DeserializeOwned>(src: &Source<'_>) -> (Option<T>, Vec<Diag
             .collect();
         return (None, errors);
     }
-    root.get_mut().make_owned();
+    // The usual case, a valid file: deserialize what was parsed, borrowing from the text.
+    let mut error = match T::deserialize(Deserializer::from(root)) {
+        Ok(v) => return (Some(v), Vec::new()),
+        Err(e) => e,
+    };
+    // Otherwise report every error, not just the first: parse again, then take out each
+    // offending entry and try once more.
+    let (mut root, _) = DeTable::parse_recoverable(src.text);
     let mut errors = Vec::new();
     loop {
-        let de = Deserializer::from(root.clone());
-        match T::deserialize(de) {
+        let span = error.span();
+        errors.push(src.span(span.clone(), explain(error.message())));
+        let removed = span.is_some_and(|s| remove_at(root.get_mut(), &s));
+        if !removed || errors.len() >= MAX_ERRORS {
+            sort(&mut errors);
+            return (None, errors);
+        }
+        match T::deserialize(Deserializer::from(root.clone())) {
             Ok(v) => {
                 sort(&mut errors);
                 return (Some(v), errors);
             }
-            Err(e) => {
-                let span = e.span();
-                errors.push(src.span(span.clone(), explain(e.message())));
-                let removed = span.is_some_and(|s| remove_at(root.get_mut(), &s));
-                if !removed || errors.len() >= MAX_ERRORS {
-                    sort(&mut errors);
-                    return (None, errors);
-                }
-            }
+            Err(e) => error = e,
         }
     }
 }
