@@ -15,6 +15,10 @@
 #   noauth           no authentication (portcullis anonymous = true; nginx plain proxy_pass)
 #   idle10k          10,000 idle keep-alive connections held open: resident memory of each
 #                    proxy (RSS after minus before), not throughput
+#   latency2k        the apikey job at a fixed, moderate rate (about 2,000 req/s: 20
+#                    connections, each waiting 10 ms after every response; wrk's delay()
+#                    hook): p50/p99 of direct, nginx and portcullis, and the latency each proxy
+#                    adds over direct at p50
 #
 # Layout (see BENCHMARKING notes in the README): the proxy under test alone on core 0
 # (taskset -c 0; nginx worker_processes 1; portcullis then sees one CPU), the backend (nginx,
@@ -122,8 +126,9 @@ rps() { # url, header...: "req/s p50_us p99_us"; every response must be a 200
   local url=$1; shift
   local args=()
   for h in "$@"; do args+=(-H "$h"); done
+  [ -n "${PACE:-}" ] && args+=(-s "$PACE")
   local out
-  out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"$DURATION" --latency "${args[@]}" "$url")
+  out=$(taskset -c 1 wrk -t1 -c"${RUN_CONNS:-$CONNS}" -d"$DURATION" --latency "${args[@]}" "$url")
   if grep -q "Non-2xx" <<<"$out"; then
     echo "$url answered errors during the run:" >&2
     echo "$out" >&2
@@ -218,7 +223,7 @@ for scenario in "${@:-basic-bcrypt10 noauth}"; do
         nginx_conf "$s-nginx" "server { listen 127.0.0.1:$NGINX_PORT; location / { auth_basic bench; auth_basic_user_file $dir/htpasswd; $PROXY_LOCATION } }"
         auth="htpasswd_file = \"$dir/htpasswd\""
         ;;
-      apikey|apikey-tls|idle10k)
+      apikey|apikey-tls|idle10k|latency2k)
         printf '[[keys]]\nname = "bench"\napi_key = "%s"\n' "$KEY" > "$dir/keys.toml"
         auth_header=("Authorization: Bearer $KEY")
         listen="listen 127.0.0.1:$NGINX_PORT"
@@ -287,6 +292,28 @@ EOF
       continue
     fi
     url_n="$scheme://127.0.0.1:$NGINX_PORT/"; url_p="$scheme://127.0.0.1:$PORTCULLIS_PORT/"
+    if [ "$s" = latency2k ]; then
+      echo 'function delay() return 10 end' > "$dir/pace.lua"
+      : > "$dir/direct"; : > "$dir/nginx"; : > "$dir/portcullis"
+      for _ in $(seq "$ROUNDS"); do
+        export PACE="$dir/pace.lua" RUN_CONNS=20
+        idle_gate; rps "http://127.0.0.1:$BACKEND_PORT/" >> "$dir/direct"
+        idle_gate; rps "$url_n" "${auth_header[@]}" >> "$dir/nginx"
+        idle_gate; rps "$url_p" "${auth_header[@]}" >> "$dir/portcullis"
+        unset PACE RUN_CONNS
+      done
+      col() { awk -v c="$2" '{print $c}' "$1" | median; }
+      rate=$(col "$dir/portcullis" 1)
+      d50=$(col "$dir/direct" 2); d99=$(col "$dir/direct" 3)
+      n50=$(col "$dir/nginx" 2); n99=$(col "$dir/nginx" 3)
+      p50=$(col "$dir/portcullis" 2); p99=$(col "$dir/portcullis" 3)
+      printf '%-14s at %.0f req/s, p50/p99 µs: direct %s/%s, nginx %s/%s, portcullis %s/%s; added at p50: nginx %s µs, portcullis %s µs\n' \
+        "$s" "$rate" "$d50" "$d99" "$n50" "$n99" "$p50" "$p99" "$(echo "$n50 - $d50" | bc)" "$(echo "$p50 - $d50" | bc)"
+      printf '| %s | p50 / p99 %s / %s µs | at %.0f req/s | | added at p50: nginx %s µs, portcullis %s µs | %s / %s | %s / %s |\n' \
+        "$s" "$d50" "$d99" "$rate" "$(echo "$n50 - $d50" | bc)" "$(echo "$p50 - $d50" | bc)" "$n50" "$n99" "$p50" "$p99" >> "$report"
+      stop_all_but_backend
+      continue
+    fi
     # Warm-up: connections, pools, and (for Basic) portcullis' verification cache.
     taskset -c 1 wrk -t1 -c"$CONNS" -d1s ${auth_header[@]+-H "${auth_header[0]}"} "$url_p" >/dev/null
     : > "$dir/direct"; : > "$dir/nginx"; : > "$dir/portcullis"
