@@ -166,6 +166,7 @@ impl Server {
             force: server.force.clone(),
             tracker: server.tracker.clone(),
             idle_timeout: config.server.idle_timeout,
+            header_read_timeout: config.server.header_read_timeout,
             stream_idle_timeout: config.server.stream_idle_timeout,
         };
         let admin_ctx = Accept {
@@ -368,6 +369,8 @@ struct Accept {
     force: CancellationToken,
     tracker: TaskTracker,
     idle_timeout: Duration,
+    /// How long a new connection may stay silent.
+    header_read_timeout: Duration,
     /// A connection with requests in flight but no bytes moving for this long is closed (a
     /// client that stopped reading a response, a backend that stalls).
     stream_idle_timeout: Duration,
@@ -496,7 +499,8 @@ impl Accept {
     }
 
     /// Wait for a plain connection's first bytes and tell whether it speaks HTTP/2 (prior
-    /// knowledge); `None` when it closes, stays silent for `idle_timeout`, or the server stops.
+    /// knowledge); `None` when it closes, sends no request start within `header_read_timeout`
+    /// (as a TLS client must finish its handshake within it), or the server stops.
     async fn first_bytes(&self, stream: &TcpStream, peer: SocketAddr) -> Option<bool> {
         let sniff = async {
             let mut buf = [0u8; 4];
@@ -515,8 +519,8 @@ impl Accept {
         };
         tokio::select! {
             h2 = sniff => h2,
-            _ = tokio::time::sleep(self.idle_timeout) => {
-                tracing::debug!(peer = %peer, "no request within idle_timeout; closing connection");
+            _ = tokio::time::sleep(self.header_read_timeout) => {
+                tracing::debug!(peer = %peer, "nothing sent within header_read_timeout; closing connection");
                 None
             }
             _ = self.shutdown.cancelled() => None,

@@ -118,3 +118,33 @@ async fn connections_over_max_connections_are_closed_at_once() {
     .expect("a freed connection slot is reused");
     assert_eq!(raw_status(&r), 200);
 }
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed_at_header_read_timeout() {
+    let (backend, proxy) =
+        proxy_with("header_read_timeout = \"500ms\"\nidle_timeout = \"60s\"").await;
+    // Silent, and stalled inside the HTTP/2 preface (which the proxy must wait out to tell
+    // the protocol): both are clients that never send a request.
+    let opened = Instant::now();
+    let mut silent = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut partial = TcpStream::connect(proxy.addr).await.unwrap();
+    partial.write_all(b"PR").await.unwrap();
+    for (what, s) in [("silent", &mut silent), ("partial preface", &mut partial)] {
+        let (text, _) = read_until_closed(s, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("the {what} connection is closed"));
+        assert_eq!(text, "", "{what}");
+        let took = opened.elapsed();
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(5),
+            "{what}: closed after {took:?}"
+        );
+    }
+    assert_eq!(
+        get(&proxy.url("/"), &[("x-api-key", PROD_KEY)])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(backend.count(), 1);
+}
