@@ -19,6 +19,10 @@
 #                    connections, each waiting 10 ms after every response; wrk's delay()
 #                    hook): p50/p99 of direct, nginx and portcullis, and the latency each proxy
 #                    adds over direct at p50
+#   websocket        WebSocket echo messages/s: 32 sessions opened with the API key, each
+#                    sending a 64-byte text message and waiting for its echo (the load tool
+#                    and the echo backend are benches/wsload.rs, built as an example); nginx:
+#                    the same `map` check and `proxy_set_header Upgrade/Connection`
 #
 # Layout (see BENCHMARKING notes in the README): the proxy under test alone on core 0
 # (taskset -c 0; nginx worker_processes 1; portcullis then sees one CPU), the backend (nginx,
@@ -61,6 +65,10 @@ if [ -z "${PORTCULLIS:-}" ]; then
   cargo build --release --quiet
   PORTCULLIS=target/release/portcullis
 fi
+if [[ " $* " == *" websocket "* ]]; then
+  cargo build --release --quiet --example wsload
+fi
+WSLOAD=target/release/examples/wsload
 
 work=$(mktemp -d)
 chmod 755 "$work"   # nginx workers run as an unprivileged user and must read the htpasswd file
@@ -72,7 +80,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-BACKEND_PORT=18180 NGINX_PORT=18181 PORTCULLIS_PORT=18182 ADMIN_PORT=18183
+BACKEND_PORT=18180 NGINX_PORT=18181 PORTCULLIS_PORT=18182 ADMIN_PORT=18183 WS_PORT=18184
 
 nginx_conf() { # name, server block
   mkdir -p "$work/$1"
@@ -211,6 +219,7 @@ printf '\n%-14s %9s %9s %9s %8s %8s %15s %15s\n' scenario direct nginx portculli
 for scenario in "${@:-basic-bcrypt10 noauth}"; do
   for s in $scenario; do
     dir="$work/$s"; mkdir -p "$dir"
+    upstream_port=$BACKEND_PORT
     auth_header=()
     rate="enabled = false"
     tls=""
@@ -223,7 +232,7 @@ for scenario in "${@:-basic-bcrypt10 noauth}"; do
         nginx_conf "$s-nginx" "server { listen 127.0.0.1:$NGINX_PORT; location / { auth_basic bench; auth_basic_user_file $dir/htpasswd; $PROXY_LOCATION } }"
         auth="htpasswd_file = \"$dir/htpasswd\""
         ;;
-      apikey|apikey-tls|idle10k|latency2k)
+      apikey|apikey-tls|idle10k|latency2k|websocket)
         printf '[[keys]]\nname = "bench"\napi_key = "%s"\n' "$KEY" > "$dir/keys.toml"
         auth_header=("Authorization: Bearer $KEY")
         listen="listen 127.0.0.1:$NGINX_PORT"
@@ -234,8 +243,17 @@ cert = \"$work/tls.crt\"
 key = \"$work/tls.key\""
           scheme=https
         fi
+        location="$PROXY_LOCATION"
+        if [ "$s" = websocket ]; then
+          location="proxy_pass http://127.0.0.1:$WS_PORT; proxy_http_version 1.1;
+            proxy_set_header Upgrade \$http_upgrade; proxy_set_header Connection upgrade;
+            proxy_set_header X-Forwarded-For \$remote_addr;"
+          upstream_port=$WS_PORT
+          start 1 "$WSLOAD" echo "127.0.0.1:$WS_PORT"   # stopped with the proxies
+          wait_port $WS_PORT
+        fi
         nginx_conf "$s-nginx" "$JOB_HTTP
-          server { $listen; location / { if (\$bench_ok = 0) { return 401; } $PROXY_LOCATION $JOB } }"
+          server { $listen; location / { if (\$bench_ok = 0) { return 401; } $location $JOB } }"
         auth="keys_file = \"$dir/keys.toml\""
         rate="requests_per_second = 100000
 burst = 100000"
@@ -253,7 +271,7 @@ admin_listen = "127.0.0.1:$ADMIN_PORT"
 max_connections = 20000
 max_connections_per_ip = 20000
 [upstream]
-url = "http://127.0.0.1:$BACKEND_PORT"
+url = "http://127.0.0.1:$upstream_port"
 [auth]
 $auth
 $tls
@@ -292,6 +310,16 @@ EOF
       continue
     fi
     url_n="$scheme://127.0.0.1:$NGINX_PORT/"; url_p="$scheme://127.0.0.1:$PORTCULLIS_PORT/"
+    if [ "$s" = websocket ]; then
+      ws() { taskset -c 1 "$WSLOAD" load "$1" "$CONNS" "${DURATION%s}" "${auth_header[0]}"; }
+      ws "ws://127.0.0.1:$PORTCULLIS_PORT/" >/dev/null   # warm-up
+      : > "$dir/direct"; : > "$dir/nginx"; : > "$dir/portcullis"
+      for _ in $(seq "$ROUNDS"); do
+        idle_gate; ws "ws://127.0.0.1:$WS_PORT/" >> "$dir/direct"
+        idle_gate; ws "ws://127.0.0.1:$NGINX_PORT/" >> "$dir/nginx"
+        idle_gate; ws "ws://127.0.0.1:$PORTCULLIS_PORT/" >> "$dir/portcullis"
+      done
+    fi
     if [ "$s" = latency2k ]; then
       echo 'function delay() return 10 end' > "$dir/pace.lua"
       : > "$dir/direct"; : > "$dir/nginx"; : > "$dir/portcullis"
@@ -315,13 +343,15 @@ EOF
       continue
     fi
     # Warm-up: connections, pools, and (for Basic) portcullis' verification cache.
-    taskset -c 1 wrk -t1 -c"$CONNS" -d1s ${auth_header[@]+-H "${auth_header[0]}"} "$url_p" >/dev/null
-    : > "$dir/direct"; : > "$dir/nginx"; : > "$dir/portcullis"
-    for _ in $(seq "$ROUNDS"); do
-      idle_gate; rps "http://127.0.0.1:$BACKEND_PORT/" >> "$dir/direct"
-      idle_gate; rps "$url_n" "${auth_header[@]}" >> "$dir/nginx"
-      idle_gate; rps "$url_p" "${auth_header[@]}" >> "$dir/portcullis"
-    done
+    [ "$s" = websocket ] || taskset -c 1 wrk -t1 -c"$CONNS" -d1s ${auth_header[@]+-H "${auth_header[0]}"} "$url_p" >/dev/null
+    if [ "$s" != websocket ]; then
+      : > "$dir/direct"; : > "$dir/nginx"; : > "$dir/portcullis"
+      for _ in $(seq "$ROUNDS"); do
+        idle_gate; rps "http://127.0.0.1:$BACKEND_PORT/" >> "$dir/direct"
+        idle_gate; rps "$url_n" "${auth_header[@]}" >> "$dir/nginx"
+        idle_gate; rps "$url_p" "${auth_header[@]}" >> "$dir/portcullis"
+      done
+    fi
     col() { awk -v c="$2" '{print $c}' "$1" | median; }
     d=$(col "$dir/direct" 1); n=$(col "$dir/nginx" 1); p=$(col "$dir/portcullis" 1)
     n50=$(col "$dir/nginx" 2); n99=$(col "$dir/nginx" 3)
