@@ -178,10 +178,13 @@ impl KeySet {
     pub fn parse(path: &Path, text: &str) -> Result<KeySet, Vec<Diagnostic>> {
         let src = Source { path, text };
         let (raw, mut errors) = parse_toml::<RawKeysFile>(&src);
-        let mut set = KeySet::default();
+        let entries = raw.and_then(|r| r.keys).unwrap_or_default();
+        let mut set = KeySet {
+            by_digest: HashMap::with_capacity(entries.len()),
+        };
         // Where each digest was first seen, to name both places of a duplicate.
-        let mut seen: HashMap<[u8; 32], usize> = HashMap::new();
-        for entry in raw.and_then(|r| r.keys).unwrap_or_default() {
+        let mut seen: HashMap<[u8; 32], usize> = HashMap::with_capacity(entries.len());
+        for entry in entries {
             let at = entry.span().start;
             let raw = entry.into_inner();
             let mut err = |span: usize, m: String| errors.push(src.at(span, m));
