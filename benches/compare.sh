@@ -15,9 +15,9 @@
 #   noauth           no authentication (portcullis anonymous = true; nginx plain proxy_pass)
 #   idle10k          10,000 idle keep-alive connections held open: resident memory of each
 #                    proxy (RSS after minus before), not throughput
-#   latency2k        the apikey job at a fixed, moderate rate (about 2,000 req/s: 20
-#                    connections, each waiting 10 ms after every response; wrk's delay()
-#                    hook): p50/p99 of direct, nginx and portcullis, and the latency each proxy
+#   latency2k        the apikey job at a fixed, moderate rate (at most 2,000 req/s: 20
+#                    connections, each waiting 10 ms after every response, wrk's delay()
+#                    hook; the rate reached is printed): p50/p99 of direct, nginx and portcullis, and the latency each proxy
 #                    adds over direct at p50
 #   websocket        WebSocket echo messages/s: 32 sessions opened with the API key, each
 #                    sending a 64-byte text message and waiting for its echo (the load tool
@@ -342,9 +342,9 @@ EOF
       stop_all_but_backend
       continue
     fi
-    # Warm-up: connections, pools, and (for Basic) portcullis' verification cache.
-    [ "$s" = websocket ] || taskset -c 1 wrk -t1 -c"$CONNS" -d1s ${auth_header[@]+-H "${auth_header[0]}"} "$url_p" >/dev/null
     if [ "$s" != websocket ]; then
+      # Warm-up: connections, pools, and (for Basic) portcullis' verification cache.
+      taskset -c 1 wrk -t1 -c"$CONNS" -d1s ${auth_header[@]+-H "${auth_header[0]}"} "$url_p" >/dev/null
       : > "$dir/direct"; : > "$dir/nginx"; : > "$dir/portcullis"
       for _ in $(seq "$ROUNDS"); do
         idle_gate; rps "http://127.0.0.1:$BACKEND_PORT/" >> "$dir/direct"
