@@ -382,53 +382,6 @@ struct Builders {
     h2: hyper::server::conn::http2::Builder<TokioExecutor>,
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// A hyper server connection that can be asked to finish its requests and close.
-trait Graceful: std::future::Future<Output = hyper::Result<()>> {
-    fn graceful_shutdown(self: Pin<&mut Self>);
-}
-
-impl<I, B, S> Graceful for hyper::server::conn::http1::Connection<I, S>
-where
-    S: hyper::service::HttpService<Incoming, ResBody = B>,
-    S::Error: Into<BoxError>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
-    B: hyper::body::Body + 'static,
-    B::Error: Into<BoxError>,
-{
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        hyper::server::conn::http1::Connection::graceful_shutdown(self);
-    }
-}
-
-impl<I, B, S> Graceful for hyper::server::conn::http1::UpgradeableConnection<I, S>
-where
-    S: hyper::service::HttpService<Incoming, ResBody = B>,
-    S::Error: Into<BoxError>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    B: hyper::body::Body + 'static,
-    B::Error: Into<BoxError>,
-{
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(self);
-    }
-}
-
-impl<I, B, S, E> Graceful for hyper::server::conn::http2::Connection<I, S, E>
-where
-    S: hyper::service::HttpService<Incoming, ResBody = B>,
-    S::Error: Into<BoxError>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
-    B: hyper::body::Body + 'static,
-    B::Error: Into<BoxError>,
-    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
-{
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        hyper::server::conn::http2::Connection::graceful_shutdown(self);
-    }
-}
-
 /// The HTTP/2 client preface starts with this; nothing else a client sends does.
 const H2_PREFACE_START: &[u8] = b"PRI ";
 
@@ -544,18 +497,25 @@ impl Accept {
         let svc = service_fn(move |req| Box::pin(proxy.clone().handle(req, info.clone())));
         if h2 {
             let conn = builders.h2.serve_connection(io, svc);
-            Box::pin(self.drive(conn, &activity, peer)).await
+            let stop = hyper::server::conn::http2::Connection::graceful_shutdown;
+            Box::pin(self.drive(conn, stop, &activity, peer)).await
         } else {
             let conn = builders.h1.serve_connection(io, svc).with_upgrades();
-            Box::pin(self.drive(conn, &activity, peer)).await
+            let stop = hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown;
+            Box::pin(self.drive(conn, stop, &activity, peer)).await
         }
     }
 
     /// Run one proxy connection to its end: graceful close on shutdown or when idle, abrupt
     /// close when the shutdown grace runs out.
-    async fn drive<C>(&self, conn: C, activity: &Activity, peer: SocketAddr)
-    where
-        C: Graceful,
+    async fn drive<C>(
+        &self,
+        conn: C,
+        graceful_shutdown: fn(Pin<&mut C>),
+        activity: &Activity,
+        peer: SocketAddr,
+    ) where
+        C: std::future::Future<Output = hyper::Result<()>>,
     {
         tokio::pin!(conn);
         let idle = self.idle_timeout;
@@ -572,7 +532,7 @@ impl Accept {
                 }
                 _ = self.shutdown.cancelled(), if !draining => {
                     draining = true;
-                    conn.as_mut().graceful_shutdown();
+                    graceful_shutdown(conn.as_mut());
                 }
                 _ = self.force.cancelled() => return,
                 _ = &mut idle_timer, if !draining => {
@@ -589,7 +549,7 @@ impl Accept {
                     if !busy && deadline <= now {
                         tracing::debug!(peer = %peer, "idle timeout; closing connection");
                         draining = true;
-                        conn.as_mut().graceful_shutdown();
+                        graceful_shutdown(conn.as_mut());
                     } else {
                         let next = if busy { (now + idle).min(stalled_at) } else { deadline };
                         idle_timer.as_mut().reset(next.into());
@@ -655,7 +615,8 @@ impl Accept {
                 b.timer(TokioTimer::new())
                     .header_read_timeout(Duration::from_secs(10));
                 let conn = b.serve_connection(io, svc);
-                ctx.drive(conn, &activity, peer).await;
+                let stop = hyper::server::conn::http1::Connection::graceful_shutdown;
+                ctx.drive(conn, stop, &activity, peer).await;
                 drop(permit);
             })
         }
