@@ -9,33 +9,88 @@ use std::net::IpAddr;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::time::{Duration, SystemTime};
 
+use http::{HeaderValue, Method};
 use serde::Serialize;
 
+use crate::auth::Identity;
 use crate::config::{AccessFormat, AccessLog};
 
-/// One request, as logged.
-#[derive(Debug, Clone, Serialize)]
+/// One request, as logged. Held for every request whether or not the log is on, so it
+/// shares what the request already has (method, header values, the identity) instead of
+/// copying it into strings.
+#[derive(Debug, Clone)]
 pub struct Record {
-    #[serde(serialize_with = "rfc3339")]
     pub time: SystemTime,
     pub client: IpAddr,
-    pub method: String,
+    pub method: Method,
     /// Without the query string.
     pub path: String,
     pub protocol: &'static str,
     pub status: u16,
     pub bytes: u64,
     pub duration_ms: f64,
-    pub identity: Option<String>,
-    pub key_fp: Option<String>,
-    pub request_id: String,
+    /// Logged as `identity` (its name) and `key_fp` (a key's fingerprint).
+    pub identity: Option<Identity>,
+    pub request_id: Text,
     pub outcome: &'static str,
-    pub user_agent: Option<String>,
-    pub referer: Option<String>,
+    pub user_agent: Option<Text>,
+    pub referer: Option<Text>,
 }
 
-fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(&humantime::format_rfc3339_millis(*t))
+/// A header value known to be visible ASCII (`HeaderValue::to_str` accepted it).
+#[derive(Debug, Clone)]
+pub struct Text(HeaderValue);
+
+impl Text {
+    pub fn new(v: &HeaderValue) -> Option<Text> {
+        v.to_str().is_ok().then(|| Text(v.clone()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.to_str().unwrap_or("-")
+    }
+
+    pub fn value(&self) -> &HeaderValue {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Text {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl Serialize for Record {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut r = s.serialize_struct("Record", 14)?;
+        r.serialize_field(
+            "time",
+            &humantime::format_rfc3339_millis(self.time).to_string(),
+        )?;
+        r.serialize_field("client", &self.client)?;
+        r.serialize_field("method", self.method.as_str())?;
+        r.serialize_field("path", &self.path)?;
+        r.serialize_field("protocol", self.protocol)?;
+        r.serialize_field("status", &self.status)?;
+        r.serialize_field("bytes", &self.bytes)?;
+        r.serialize_field("duration_ms", &self.duration_ms)?;
+        let identity = self.identity.as_ref();
+        r.serialize_field("identity", &identity.and_then(Identity::name))?;
+        r.serialize_field("key_fp", &identity.and_then(Identity::fingerprint))?;
+        r.serialize_field("request_id", &self.request_id)?;
+        r.serialize_field("outcome", self.outcome)?;
+        r.serialize_field("user_agent", &self.user_agent)?;
+        r.serialize_field("referer", &self.referer)?;
+        r.end()
+    }
 }
 
 impl Record {
@@ -54,15 +109,22 @@ impl Record {
         format!(
             "{} - {} [{}] \"{} {} {}\" {} {} \"{}\" \"{}\" rid={} dur_ms={} outcome={}",
             self.client,
-            self.identity.as_deref().map_or("-".into(), quote_free),
+            self.identity
+                .as_ref()
+                .and_then(Identity::name)
+                .map_or("-".into(), quote_free),
             clf_time(self.time),
-            quote_free(&self.method),
+            quote_free(self.method.as_str()),
             quote_free(&self.path),
             self.protocol,
             self.status,
             self.bytes,
-            self.referer.as_deref().map_or("-".into(), quote_free),
-            self.user_agent.as_deref().map_or("-".into(), quote_free),
+            self.referer
+                .as_ref()
+                .map_or("-".into(), |t| quote_free(t.as_str())),
+            self.user_agent
+                .as_ref()
+                .map_or("-".into(), |t| quote_free(t.as_str())),
             self.request_id,
             self.duration_ms,
             self.outcome,
@@ -201,17 +263,16 @@ mod tests {
         Record {
             time: humantime::parse_rfc3339("2026-11-22T17:05:09Z").unwrap(),
             client: "192.0.2.7".parse().unwrap(),
-            method: "GET".into(),
+            method: Method::GET,
             path: "/api/x".into(),
             protocol: "HTTP/1.1",
             status: 401,
             bytes: 12,
             duration_ms: 0.25,
             identity: None,
-            key_fp: None,
-            request_id: "abc".into(),
+            request_id: Text::new(&HeaderValue::from_static("abc")).unwrap(),
             outcome: "unauthenticated",
-            user_agent: Some("curl/8 \"x\"".into()),
+            user_agent: Text::new(&HeaderValue::from_static("curl/8 \"x\"")),
             referer: None,
         }
     }

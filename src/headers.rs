@@ -15,35 +15,57 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Remove hop-by-hop headers: RFC 9110 §7.6.1's list, the legacy `Keep-Alive` and
-/// `Proxy-Connection`, and every name the `Connection` header lists.
+/// RFC 9110 §7.6.1's hop-by-hop headers, with the legacy `Keep-Alive` and `Proxy-Connection`.
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+];
+
+/// Remove every header `names` lists that the map holds: one pass over the names present
+/// (a request carries a handful), then one removal for each found, instead of a hashed
+/// lookup for every name listed.
+pub fn remove_all(headers: &mut HeaderMap, names: &[HeaderName]) {
+    for names in names.chunks(64) {
+        let mut present = 0u64;
+        for name in headers.keys() {
+            if let Some(i) = names.iter().position(|n| n == name) {
+                present |= 1 << i;
+            }
+        }
+        for (i, name) in names.iter().enumerate() {
+            if present & (1 << i) != 0 {
+                headers.remove(name);
+            }
+        }
+    }
+}
+
+/// Remove hop-by-hop headers: [`HOP_BY_HOP`] and every name the `Connection` header lists.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
-        headers.remove(name);
+    if headers.contains_key(header::CONNECTION) {
+        // The values are copied (cheap: shared bytes) so the names they list can be removed;
+        // a name that is not a valid header name is not present.
+        let mut values = headers.get_all(header::CONNECTION).iter();
+        let first = values.next().cloned();
+        let rest: Vec<HeaderValue> = values.cloned().collect();
+        for value in first.iter().chain(&rest) {
+            for name in value.to_str().unwrap_or("").split(',') {
+                let name = name.trim();
+                if !name.is_empty() {
+                    headers.remove(name);
+                }
+            }
+        }
     }
-    for name in [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-        &header::PROXY_AUTHORIZATION,
-        &header::PROXY_AUTHENTICATE,
-    ] {
-        headers.remove(name);
-    }
+    remove_all(headers, &HOP_BY_HOP);
 }
 
 /// Whether the request's `TE` lists `trailers` (RFC 9110 §10.1.4).
@@ -62,18 +84,17 @@ pub fn te_has_trailers(headers: &HeaderMap) -> bool {
         })
 }
 
-/// Remove every header a client could send to pose as someone or somewhere else.
-pub fn strip_spoofable(headers: &mut HeaderMap, identity_header: &HeaderName) {
-    for name in [
-        identity_header,
-        &X_FORWARDED_FOR,
-        &X_FORWARDED_PROTO,
-        &X_FORWARDED_HOST,
-        &X_REAL_IP,
-        &FORWARDED,
-    ] {
-        headers.remove(name);
-    }
+/// Every header a client could send to pose as someone or somewhere else: removed from
+/// requests (with [`remove_all`]) before the proxy sets its own.
+pub fn spoofable(identity_header: &HeaderName) -> [HeaderName; 6] {
+    [
+        identity_header.clone(),
+        X_FORWARDED_FOR.clone(),
+        X_FORWARDED_PROTO.clone(),
+        X_FORWARDED_HOST.clone(),
+        X_REAL_IP.clone(),
+        FORWARDED.clone(),
+    ]
 }
 
 /// What the proxy tells the backend about the request.
@@ -82,6 +103,8 @@ pub struct Forwarded<'a> {
     pub client_ip: IpAddr,
     /// The socket peer, appended to `X-Forwarded-For`.
     pub peer: IpAddr,
+    /// The peer as a header value, made once per connection.
+    pub peer_value: &'a HeaderValue,
     /// The chain a trusted proxy sent, kept in front of the peer.
     pub chain: Option<&'a str>,
     pub proto: &'static str,
@@ -89,17 +112,21 @@ pub struct Forwarded<'a> {
     pub client_host: Option<&'a HeaderValue>,
 }
 
+/// An IP address as a header value.
+pub fn ip_value(ip: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&ip.to_string()).expect("an IP is a header value")
+}
+
 pub fn set_forwarded(headers: &mut HeaderMap, f: &Forwarded<'_>) {
-    let value =
-        |ip: IpAddr| HeaderValue::from_str(&ip.to_string()).expect("an IP is a header value");
-    let ip = value(f.client_ip);
-    let xff = match f.chain {
-        Some(chain) => {
-            HeaderValue::from_str(&format!("{chain}, {}", f.peer)).unwrap_or_else(|_| value(f.peer))
-        }
+    let (xff, ip) = match f.chain {
+        Some(chain) => (
+            HeaderValue::from_str(&format!("{chain}, {}", f.peer))
+                .unwrap_or_else(|_| f.peer_value.clone()),
+            ip_value(f.client_ip),
+        ),
         // The common case: no proxy in front, the client is the peer.
-        None if f.peer == f.client_ip => ip.clone(),
-        None => value(f.peer),
+        None if f.peer == f.client_ip => (f.peer_value.clone(), f.peer_value.clone()),
+        None => (f.peer_value.clone(), ip_value(f.client_ip)),
     };
     headers.insert(X_FORWARDED_FOR.clone(), xff);
     headers.insert(X_REAL_IP.clone(), ip);
@@ -113,16 +140,20 @@ pub fn set_forwarded(headers: &mut HeaderMap, f: &Forwarded<'_>) {
 /// `X-Powered-By`), add the security headers, HSTS only over TLS (RFC 6797 §7.2: never over
 /// plain HTTP). A header the backend set is kept unless `override` is on.
 pub fn secure_response(headers: &mut HeaderMap, cfg: &crate::config::HeadersConfig, tls: bool) {
-    for name in &cfg.remove {
-        headers.remove(name);
-    }
+    remove_all(headers, &cfg.remove);
     let hsts = tls
         .then_some(cfg.hsts.as_ref())
         .flatten()
         .map(|v| (&header::STRICT_TRANSPORT_SECURITY, v));
     for (name, value) in cfg.add.iter().map(|(n, v)| (n, v)).chain(hsts) {
-        if cfg.override_backend || !headers.contains_key(name) {
-            headers.insert(name.clone(), value.clone());
+        match headers.entry(name) {
+            header::Entry::Occupied(mut e) if cfg.override_backend => {
+                e.insert(value.clone());
+            }
+            header::Entry::Occupied(_) => {}
+            header::Entry::Vacant(e) => {
+                e.insert(value.clone());
+            }
         }
     }
 }
@@ -158,8 +189,13 @@ impl RequestIds {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let a = splitmix64(self.seed ^ n);
         let b = splitmix64(a ^ n.rotate_left(32));
-        let s = format!("{a:016x}{b:016x}");
-        HeaderValue::from_str(&s).expect("hex is a header value")
+        let mut hex = [0u8; 32];
+        for (i, d) in hex.iter_mut().enumerate() {
+            let word = if i < 16 { a } else { b };
+            let nibble = (word >> (60 - 4 * (i % 16))) & 0xf;
+            *d = b"0123456789abcdef"[nibble as usize];
+        }
+        HeaderValue::from_bytes(&hex).expect("hex is a header value")
     }
 }
 
@@ -205,13 +241,14 @@ mod tests {
         h.insert(ident.clone(), HeaderValue::from_static("admin"));
         h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
         h.insert("forwarded", HeaderValue::from_static("for=1.2.3.4"));
-        strip_spoofable(&mut h, &ident);
+        remove_all(&mut h, &spoofable(&ident));
         let host = HeaderValue::from_static("example.test");
         set_forwarded(
             &mut h,
             &Forwarded {
                 client_ip: "127.0.0.9".parse().unwrap(),
                 peer: "127.0.0.9".parse().unwrap(),
+                peer_value: &HeaderValue::from_static("127.0.0.9"),
                 chain: None,
                 proto: "http",
                 client_host: Some(&host),
@@ -231,6 +268,7 @@ mod tests {
             &Forwarded {
                 client_ip: "203.0.113.5".parse().unwrap(),
                 peer: "10.0.0.2".parse().unwrap(),
+                peer_value: &HeaderValue::from_static("10.0.0.2"),
                 chain: Some("203.0.113.5"),
                 proto: "https",
                 client_host: None,
@@ -288,6 +326,12 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a.len(), 32);
         assert!(acceptable_request_id(&a));
+        // Both halves of the id, in lowercase hex, as `{a:016x}{b:016x}` would write them.
+        let n = ids.counter.load(Ordering::Relaxed);
+        let c = ids.next();
+        let x = splitmix64(ids.seed ^ n);
+        let y = splitmix64(x ^ n.rotate_left(32));
+        assert_eq!(c.to_str().unwrap(), format!("{x:016x}{y:016x}"));
         assert!(!acceptable_request_id(&HeaderValue::from_static("a b")));
     }
 }

@@ -16,7 +16,7 @@ use std::time::{Instant, SystemTime};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::uri::PathAndQuery;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http::{header, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -27,7 +27,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::access_log::{AccessLogger, Record};
+use crate::access_log::{AccessLogger, Record, Text};
 use crate::auth::basic::{BasicVerifier, Verdict};
 use crate::auth::{Authenticator, Credential, Identity};
 use crate::ban::{Bans, Recorded};
@@ -93,12 +93,31 @@ pub type ResponseBody = LoggedBody;
 /// Per-connection facts the pipeline needs, and the activity the idle timer watches.
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// The peer's address as `X-Forwarded-For` / `X-Real-IP` carry it, made once.
+    peer_value: HeaderValue,
     pub activity: Arc<Activity>,
     /// The identity of the verified client certificate (mTLS), if any.
     pub client_cert: Option<Arc<str>>,
     /// The connection's place under `max_connections` and `max_connections_per_ip`, held by
     /// whatever holds this (a WebSocket tunnel outlives the HTTP connection it came from).
     pub slot: ConnSlot,
+}
+
+impl ConnInfo {
+    pub fn new(
+        peer: SocketAddr,
+        activity: Arc<Activity>,
+        client_cert: Option<Arc<str>>,
+        slot: ConnSlot,
+    ) -> ConnInfo {
+        ConnInfo {
+            peer,
+            peer_value: headers::ip_value(crate::netpolicy::canonical(peer.ip())),
+            activity,
+            client_cert,
+            slot,
+        }
+    }
 }
 
 /// A connection's places under the connection limits, released on drop.
@@ -234,6 +253,9 @@ pub struct Proxy {
     pub(crate) access: AccessLogger,
     ids: RequestIds,
     upstream_host: HeaderValue,
+    /// What a request loses on its way to the backend: what a client could spoof, and its
+    /// credentials unless `pass_credentials`.
+    request_strip: Vec<HeaderName>,
     proto: &'static str,
     /// The public listener terminates TLS.
     tls: bool,
@@ -275,7 +297,13 @@ impl Proxy {
             .http2_only(up.protocol == UpstreamProtocol::Http2);
         let client = builder.build(connector);
         let snapshot = ArcSwap::from_pointee(Snapshot::from_config(&config));
+        let mut request_strip = headers::spoofable(&config.auth.identity_header).to_vec();
+        if !up.pass_credentials {
+            request_strip.extend(config.auth.api_key_headers.iter().cloned());
+            request_strip.push(header::AUTHORIZATION);
+        }
         Proxy {
+            request_strip,
             upstream_host: HeaderValue::from_str(up.authority.as_str())
                 .expect("an authority is a header value"),
             snapshot,
@@ -358,12 +386,11 @@ impl Proxy {
                 resp.map(Either::Right)
             }
         };
-        if let Some(id) = ex.request_id.take() {
-            resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
-        }
+        resp.headers_mut()
+            .insert(X_REQUEST_ID.clone(), ex.record.request_id.value().clone());
         if let Some(decision) = &ex.rate {
             for (name, value) in decision.headers() {
-                resp.headers_mut().insert(name, value);
+                resp.headers_mut().insert(name.clone(), value);
             }
         }
         headers::secure_response(resp.headers_mut(), &self.config.headers, self.tls);
@@ -441,8 +468,7 @@ impl Proxy {
         } else {
             self.authenticate(&parts.headers, conn, ex.client).await?
         };
-        ex.record.identity = identity.name().map(str::to_owned);
-        ex.record.key_fp = identity.fingerprint().map(str::to_owned);
+        ex.record.identity = Some(identity.clone());
         ex.cred = Some(CredId::of(&identity));
         if let Identity::Key(key) = &identity {
             key.stats.used(SystemTime::now());
@@ -495,32 +521,22 @@ impl Proxy {
             }
         }
         let forwarded_chain = cfg.server.net.incoming_chain(conn.peer.ip(), h);
-        headers::strip_spoofable(h, &cfg.auth.identity_header);
-        if !cfg.upstream.pass_credentials {
-            for name in &cfg.auth.api_key_headers {
-                h.remove(name);
-            }
-            h.remove(header::AUTHORIZATION);
-        }
+        headers::remove_all(h, &self.request_strip);
         headers::set_forwarded(
             h,
             &headers::Forwarded {
                 client_ip: ex.client,
                 peer: crate::netpolicy::canonical(conn.peer.ip()),
+                peer_value: &conn.peer_value,
                 chain: forwarded_chain.as_deref(),
                 proto: self.proto,
                 client_host: client_host.as_ref(),
             },
         );
-        if let Some(name) = identity.name() {
-            // Names are validated at load time to be header-safe.
-            if let Ok(v) = HeaderValue::from_str(name) {
-                h.insert(cfg.auth.identity_header.clone(), v);
-            }
+        if let Some(v) = identity.header_value() {
+            h.insert(cfg.auth.identity_header.clone(), v);
         }
-        if let Some(id) = &ex.request_id {
-            h.insert(X_REQUEST_ID.clone(), id.clone());
-        }
+        h.insert(X_REQUEST_ID.clone(), ex.record.request_id.value().clone());
         match cfg.upstream.host_header {
             HostHeader::Upstream => {
                 h.insert(header::HOST, self.upstream_host.clone());
@@ -856,7 +872,6 @@ pub struct Exchange {
     start: Instant,
     activity: Arc<Activity>,
     pub record: Record,
-    request_id: Option<HeaderValue>,
     /// The request has a body nobody has started to read.
     unread_body: bool,
     finished: bool,
@@ -881,12 +896,7 @@ impl Exchange {
             .filter(|v| headers::acceptable_request_id(v))
             .cloned()
             .unwrap_or_else(|| proxy.ids.next());
-        let text = |name: header::HeaderName| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
+        let text = |name: header::HeaderName| headers.get(name).and_then(Text::new);
         let unread_body = !req.body().is_end_stream();
         let client = proxy.config.server.net.client_ip(conn.peer.ip(), headers);
         let grpc = headers
@@ -900,7 +910,7 @@ impl Exchange {
             record: Record {
                 time: SystemTime::now(),
                 client,
-                method: req.method().as_str().to_owned(),
+                method: req.method().clone(),
                 // Until the path is normalised: the raw path, never the query.
                 path: req.uri().path().to_owned(),
                 protocol: protocol_name(req.version()),
@@ -908,13 +918,12 @@ impl Exchange {
                 bytes: 0,
                 duration_ms: 0.0,
                 identity: None,
-                key_fp: None,
-                request_id: request_id.to_str().unwrap_or("-").to_owned(),
+                // Plain by construction (acceptable_request_id, or hex).
+                request_id: Text::new(&request_id).expect("a request id is visible ASCII"),
                 outcome: "client_closed",
                 user_agent: text(header::USER_AGENT),
                 referer: text(header::REFERER),
             },
-            request_id: Some(request_id),
             unread_body,
             finished: false,
             cred: None,

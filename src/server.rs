@@ -196,12 +196,7 @@ impl Server {
                         let Some(h2) = ctx.first_bytes(&stream, peer).await else {
                             return;
                         };
-                        let info = Arc::new(ConnInfo {
-                            peer,
-                            activity: activity.clone(),
-                            client_cert: None,
-                            slot: permit,
-                        });
+                        let info = Arc::new(ConnInfo::new(peer, activity.clone(), None, permit));
                         let io = TokioIo::new(ActivityIo::new(stream, activity));
                         return ctx.serve_proxied(io, h2, proxy, info, &builders).await;
                     };
@@ -225,12 +220,7 @@ impl Server {
                         .and_then(|chain| chain.first())
                         .and_then(crate::tls::client_identity)
                         .map(Arc::from);
-                    let info = Arc::new(ConnInfo {
-                        peer,
-                        activity,
-                        client_cert,
-                        slot: permit,
-                    });
+                    let info = Arc::new(ConnInfo::new(peer, activity, client_cert, permit));
                     ctx.serve_proxied(TokioIo::new(stream), h2, proxy, info, &builders)
                         .await;
                 }

@@ -44,6 +44,8 @@ struct RawKey {
 #[derive(Debug, Clone)]
 pub struct ApiKey {
     pub name: String,
+    /// `name` as a header value (the identity header), when it is one.
+    pub name_value: Option<http::HeaderValue>,
     digest: [u8; 32],
     /// First 12 hex digits of the key's SHA-256: safe to log, enough to tell keys apart.
     pub fingerprint: String,
@@ -279,6 +281,7 @@ impl KeySet {
                 digest,
                 Arc::new(ApiKey {
                     fingerprint: hex(&digest[..6]),
+                    name_value: http::HeaderValue::from_str(&name).ok(),
                     name,
                     digest,
                     enabled: raw.enabled.unwrap_or(true),

@@ -37,6 +37,16 @@ impl Identity {
         }
     }
 
+    /// The name as the identity header carries it. Names are validated at load time to be
+    /// header-safe; a key's value is made once, when the keys file is loaded.
+    pub fn header_value(&self) -> Option<http::HeaderValue> {
+        match self {
+            Identity::Key(k) => k.name_value.clone(),
+            Identity::User(u) | Identity::ClientCert(u) => http::HeaderValue::from_str(u).ok(),
+            Identity::Anonymous => None,
+        }
+    }
+
     pub fn fingerprint(&self) -> Option<&str> {
         match self {
             Identity::Key(k) => Some(&k.fingerprint),
