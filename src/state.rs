@@ -174,6 +174,7 @@ impl Proxy {
         let mut new = (*old).clone();
         let mut changed = false;
         if let Some(status) = &reloads.keys {
+            let started = std::time::Instant::now();
             if let Attempt::Loaded(mut keys) = attempt(status, "keys", KeySet::parse) {
                 keys.adopt_stats(&old.keys);
                 tracing::info!(
@@ -182,6 +183,8 @@ impl Proxy {
                     result = "ok",
                     keys = keys.len(),
                     enabled = keys.enabled_count(),
+                    // Reading, parsing and validating the whole file.
+                    duration_ms = started.elapsed().as_millis() as u64,
                     "keys reloaded"
                 );
                 new.keys = keys;
@@ -189,6 +192,7 @@ impl Proxy {
             }
         }
         if let Some(status) = &reloads.htpasswd {
+            let started = std::time::Instant::now();
             let plaintext = self.config.auth.htpasswd_plaintext;
             let parse = |path: &Path, text: &str| Htpasswd::parse(path, text, plaintext);
             if let Attempt::Loaded((file, warnings)) = attempt(status, "htpasswd", parse) {
@@ -200,6 +204,7 @@ impl Proxy {
                     file = "htpasswd",
                     result = "ok",
                     users = file.len(),
+                    duration_ms = started.elapsed().as_millis() as u64,
                     "htpasswd reloaded"
                 );
                 new.htpasswd = Some(Arc::new(file));

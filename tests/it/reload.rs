@@ -407,6 +407,75 @@ async fn requests_with_an_unchanged_key_never_fail_while_the_file_is_rewritten()
     assert!(generation >= 2, "no reload happened");
 }
 
+/// A keys file of `n` keys: `steady`, `rotating` and `n - 2` others.
+fn big_keys_toml(n: usize, steady: &str, rotating: &str) -> String {
+    let mut entries = vec![
+        ("steady".to_string(), steady.to_string()),
+        ("rotating".to_string(), rotating.to_string()),
+    ];
+    entries.extend((2..n).map(|i| (format!("bulk-{i}"), format!("mas_bulk{i:0>46}"))));
+    entries
+        .iter()
+        .map(|(name, key)| format!("[[keys]]\nname = \"{name}\"\napi_key = \"{key}\"\n\n"))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_keys_file_of_ten_thousand_keys_is_swapped_without_a_failed_request() {
+    let backend = Backend::ok().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.toml");
+    let steady = key(0);
+    std::fs::write(&path, big_keys_toml(10_000, &steady, &key(1))).unwrap();
+    let proxy = Arc::new(proxy_with_keys_at(&backend.url(), &path).await);
+    until_status(&proxy, &key(1), 200).await;
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let load = {
+        let (proxy, stop, sent, failed) =
+            (proxy.clone(), stop.clone(), sent.clone(), failed.clone());
+        tokio::spawn(async move {
+            let c = client();
+            while !stop.load(Ordering::Relaxed) {
+                let r =
+                    send_with(&c, "GET", &proxy.url("/api"), &[("x-api-key", &steady)], "").await;
+                sent.fetch_add(1, Ordering::Relaxed);
+                if r.status != 200 {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    // Three swaps the way an editor or a deploy tool writes: a new file renamed over the old.
+    for n in 2..=4 {
+        let next = dir.path().join("keys.toml.new");
+        std::fs::write(&next, big_keys_toml(10_000, &key(0), &key(n))).unwrap();
+        std::fs::rename(&next, &path).unwrap();
+        until_status(&proxy, &key(n), 200).await;
+        until_status(&proxy, &key(n - 1), 401).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    assert!(
+        sent.load(Ordering::Relaxed) > 10,
+        "the load loop barely ran"
+    );
+    assert_eq!(failed.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        proxy
+            .server
+            .as_ref()
+            .unwrap()
+            .proxy()
+            .snapshot
+            .load()
+            .keys
+            .len(),
+        10_000
+    );
+}
+
 #[tokio::test]
 async fn a_key_that_expires_while_running_stops_working_and_its_stream_closes() {
     let senders: Arc<Mutex<Vec<Sender>>> = Default::default();
