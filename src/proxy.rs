@@ -294,6 +294,8 @@ impl Proxy {
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(std::time::Duration::from_secs(60))
+            // As on the public listener: one flat write per request (see server.rs).
+            .http1_writev(false)
             .http2_only(up.protocol == UpstreamProtocol::Http2);
         let client = builder.build(connector);
         let snapshot = ArcSwap::from_pointee(Snapshot::from_config(&config));
