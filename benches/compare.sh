@@ -17,8 +17,9 @@
 #                    proxy (RSS after minus before), not throughput
 #   latency2k        the apikey job at a fixed, moderate rate (at most 2,000 req/s: 20
 #                    connections, each waiting 10 ms after every response, wrk's delay()
-#                    hook; the rate reached is printed): p50/p99 of direct, nginx and portcullis, and the latency each proxy
-#                    adds over direct at p50
+#                    hook; the rate reached is printed): p50/p99 of direct, nginx and
+#                    portcullis, and the latency each proxy adds at p50: the median over
+#                    rounds of its p50 minus direct's p50 in the same round
 #   websocket        WebSocket echo messages/s: 32 sessions opened with the API key, each
 #                    sending a 64-byte text message and waiting for its echo (the load tool
 #                    and the echo backend are benches/wsload.rs, built as an example); nginx:
@@ -30,7 +31,8 @@
 # after another; the table reports medians over ROUNDS rounds of DURATION each at CONNS
 # connections, and the ratios portcullis / nginx and portcullis / direct.
 #
-# Every throughput run also reports wrk's p50 and p99 latency. The table is printed, and written
+# Every throughput run also reports wrk's p50 and p99 latency, and the CPU time each proxy
+# (nginx's worker included) spent per request, from /proc: steadier than req/s here. The table is printed, and written
 # with an SVG bar chart to target/compare/ (compare.md, compare.svg).
 #
 # Environment: ROUNDS (5), DURATION (5s), CONNS (32), PORTCULLIS (the binary; default: built
@@ -189,6 +191,27 @@ idle_gate() {
   echo "warning: core 0 did not become idle" >&2
 }
 
+# CPU time (clock ticks) a process and its children (nginx's worker) have used so far.
+cpu_ticks() {
+  local total=0 p
+  for p in "$1" $(pgrep -P "$1"); do
+    total=$(( total + $(awk '{print $14 + $15}' "/proc/$p/stat") ))
+  done
+  echo "$total"
+}
+TICK_US=$(( 1000000 / $(getconf CLK_TCK) ))
+
+# Run a measurement (which prints "rate p50 p99") and append the CPU the process PID spent per
+# request (or message) meanwhile, in µs: steadier on a shared machine than the rate.
+with_cpu() { # pid, command...
+  local pid=$1; shift
+  local before after line
+  before=$(cpu_ticks "$pid")
+  line=$("$@")
+  after=$(cpu_ticks "$pid")
+  echo "$line $(echo "($after - $before) * $TICK_US / (${line%% *} * ${DURATION%s})" | bc -l)"
+}
+
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 # The backend, for every scenario.
@@ -212,10 +235,10 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
   -keyout "$work/tls.key" -out "$work/tls.crt" 2>/dev/null
 mkdir -p target/compare
 report=target/compare/compare.md
-printf '| scenario | direct req/s | nginx req/s | portcullis req/s | portcullis / nginx | nginx p50 / p99 (µs) | portcullis p50 / p99 (µs) |\n|---|---|---|---|---|---|---|\n' > "$report"
+printf '| scenario | direct req/s | nginx req/s | portcullis req/s | portcullis / nginx | nginx p50 / p99 (µs) | portcullis p50 / p99 (µs) | nginx CPU µs/req | portcullis CPU µs/req |\n|---|---|---|---|---|---|---|---|---|\n' > "$report"
 : > "$work/chart"
 
-printf '\n%-14s %9s %9s %9s %8s %8s %15s %15s\n' scenario direct nginx portcullis "p/nginx" "p/direct" "nginx p50/p99" "portc. p50/p99"
+printf '\n%-14s %9s %9s %9s %8s %8s %15s %15s %13s\n' scenario direct nginx portcullis "p/nginx" "p/direct" "nginx p50/p99" "portc. p50/p99" "CPU µs/req n/p"
 for scenario in "${@:-basic-bcrypt10 noauth}"; do
   for s in $scenario; do
     dir="$work/$s"; mkdir -p "$dir"
@@ -325,27 +348,30 @@ EOF
     : > "$dir/direct"; : > "$dir/nginx"; : > "$dir/portcullis"
     for _ in $(seq "$ROUNDS"); do
       idle_gate; run "http://127.0.0.1:$upstream_port" >> "$dir/direct"
-      idle_gate; run "$scheme://127.0.0.1:$NGINX_PORT" >> "$dir/nginx"
-      idle_gate; run "$scheme://127.0.0.1:$PORTCULLIS_PORT" >> "$dir/portcullis"
+      idle_gate; with_cpu "$nginx_pid" run "$scheme://127.0.0.1:$NGINX_PORT" >> "$dir/nginx"
+      idle_gate; with_cpu "$portcullis_pid" run "$scheme://127.0.0.1:$PORTCULLIS_PORT" >> "$dir/portcullis"
     done
     col() { awk -v c="$2" '{print $c}' "$1" | median; }
     d=$(col "$dir/direct" 1); n=$(col "$dir/nginx" 1); p=$(col "$dir/portcullis" 1)
     d50=$(col "$dir/direct" 2); d99=$(col "$dir/direct" 3)
     n50=$(col "$dir/nginx" 2); n99=$(col "$dir/nginx" 3)
     p50=$(col "$dir/portcullis" 2); p99=$(col "$dir/portcullis" 3)
+    ncpu=$(printf '%.1f' "$(col "$dir/nginx" 4)"); pcpu=$(printf '%.1f' "$(col "$dir/portcullis" 4)")
+    # Added latency: the median over rounds of (proxy p50 - direct p50) in the same round.
+    added() { paste -d' ' "$dir/direct" "$1" | awk '{print $5 - $2}' | median; }
     if [ "$s" = latency2k ]; then
-      printf '%-14s at %.0f req/s, p50/p99 µs: direct %s/%s, nginx %s/%s, portcullis %s/%s; added at p50: nginx %s µs, portcullis %s µs\n' \
-        "$s" "$p" "$d50" "$d99" "$n50" "$n99" "$p50" "$p99" "$(echo "$n50 - $d50" | bc)" "$(echo "$p50 - $d50" | bc)"
-      printf '| %s | p50 / p99 %s / %s µs | at %.0f req/s | | added at p50: nginx %s µs, portcullis %s µs | %s / %s | %s / %s |\n' \
-        "$s" "$d50" "$d99" "$p" "$(echo "$n50 - $d50" | bc)" "$(echo "$p50 - $d50" | bc)" "$n50" "$n99" "$p50" "$p99" >> "$report"
+      printf '%-14s at %.0f req/s, p50/p99 µs: direct %s/%s, nginx %s/%s, portcullis %s/%s; added at p50 (median of rounds): nginx %s µs, portcullis %s µs; CPU µs/req: nginx %s, portcullis %s\n' \
+        "$s" "$p" "$d50" "$d99" "$n50" "$n99" "$p50" "$p99" "$(added "$dir/nginx")" "$(added "$dir/portcullis")" "$ncpu" "$pcpu"
+      printf '| %s | p50 / p99 %s / %s µs | at %.0f req/s | | added at p50: nginx %s µs, portcullis %s µs | %s / %s | %s / %s | %s | %s |\n' \
+        "$s" "$d50" "$d99" "$p" "$(added "$dir/nginx")" "$(added "$dir/portcullis")" "$n50" "$n99" "$p50" "$p99" "$ncpu" "$pcpu" >> "$report"
       stop_all_but_backend
       continue
     fi
     ratio=$(echo "$p / $n" | bc -l)
-    printf '%-14s %9.0f %9.0f %9.0f %7.2fx %7.2fx %15s %15s\n' "$s" "$d" "$n" "$p" \
-      "$ratio" "$(echo "$p / $d" | bc -l)" "$n50/$n99" "$p50/$p99"
-    printf '| %s | %.0f | %.0f | %.0f | %.2f× | %s / %s | %s / %s |\n' "$s" "$d" "$n" "$p" "$ratio" \
-      "$n50" "$n99" "$p50" "$p99" >> "$report"
+    printf '%-14s %9.0f %9.0f %9.0f %7.2fx %7.2fx %15s %15s %13s\n' "$s" "$d" "$n" "$p" \
+      "$ratio" "$(echo "$p / $d" | bc -l)" "$n50/$n99" "$p50/$p99" "$ncpu/$pcpu"
+    printf '| %s | %.0f | %.0f | %.0f | %.2f× | %s / %s | %s / %s | %s | %s |\n' "$s" "$d" "$n" "$p" "$ratio" \
+      "$n50" "$n99" "$p50" "$p99" "$ncpu" "$pcpu" >> "$report"
     echo "$s $n $p" >> "$work/chart"
     stop_all_but_backend
   done
