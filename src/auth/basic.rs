@@ -9,8 +9,9 @@
 //! - Concurrent verifications of the same credentials compute once.
 //! - An unknown user is verified against a decoy of the file's costliest scheme, so response
 //!   time does not tell which names exist.
-//! - One client may have at most [`MAX_SLOW_PER_CLIENT`] slow verifications in flight; more
-//!   are refused with 429 before any hash is computed.
+//! - One client may have at most [`MAX_SLOW_PER_CLIENT`] slow verifications of distinct
+//!   credentials in flight; more are refused with 429 before any hash is computed. Requests
+//!   that join a verification already running do not count.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -106,12 +107,23 @@ impl BasicVerifier {
         if known && self.cached(&key, now) {
             return Verdict::Valid;
         }
-        let Some(_slot) = ClientSlot::take(&self.per_client, ClientKey::of(client)) else {
-            return Verdict::Throttled;
-        };
-        let cell = {
+        // Joining a verification of the same credentials already running costs no CPU: only
+        // a new computation takes one of the client's slots. (A client whose connection pool
+        // opens with a burst of identical requests is served, not refused.)
+        let (cell, _slot) = {
             let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-            inflight.entry(key).or_default().clone()
+            match inflight.get(&key) {
+                Some(cell) => (cell.clone(), None),
+                None => {
+                    let Some(slot) = ClientSlot::take(&self.per_client, ClientKey::of(client))
+                    else {
+                        return Verdict::Throttled;
+                    };
+                    let cell = Arc::<OnceCell<bool>>::default();
+                    inflight.insert(key, cell.clone());
+                    (cell, Some(slot))
+                }
+            }
         };
         let matched = *cell
             .get_or_init(|| async {
@@ -280,14 +292,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn concurrent_identical_verifications_compute_once() {
+    async fn concurrent_identical_verifications_compute_once_and_none_is_throttled() {
         let v = Arc::new(BasicVerifier::new(Duration::from_secs(60), 100));
         let f = Arc::new(file(&format!(
             "kim:{}\n",
             bcrypt::hash("right", 8).unwrap()
         )));
         let now = Instant::now();
-        let tasks: Vec<_> = (0..4)
+        // More than one client's share of slow verifications: joining costs nothing, so
+        // none is throttled.
+        let tasks: Vec<_> = (0..32)
             .map(|_| {
                 let (v, f) = (v.clone(), f.clone());
                 tokio::spawn(async move { v.verify(&f, "kim", b"right", ip(), now).await })
