@@ -131,6 +131,12 @@ fn run(path: PathBuf) -> ExitCode {
         Err(e) => return fail(&format!("cannot start the runtime: {e}")),
     };
     rt.block_on(async {
+        // Before any port is bound: a SIGHUP or SIGUSR1 sent as soon as the proxy answers
+        // (systemctl reload, logrotate) is handled, never the default action (exit).
+        let mut signals = match Signals::install() {
+            Ok(s) => s,
+            Err(e) => return fail(&format!("cannot install signal handlers: {e}")),
+        };
         let server = match Server::bind(config).await {
             Ok(s) => s,
             Err(e) => return fail(&format!("{e:#}")),
@@ -140,7 +146,7 @@ fn run(path: PathBuf) -> ExitCode {
             "READY=1\nSTATUS=listening on {}",
             server.local_addr()
         ));
-        match signals(&server).await {
+        match signals.wait(&server).await {
             Ok(name) => tracing::info!(signal = name, "shutting down"),
             Err(e) => tracing::error!(error = %e, "cannot wait for signals; shutting down"),
         }
@@ -151,37 +157,59 @@ fn run(path: PathBuf) -> ExitCode {
     })
 }
 
-/// Reload on SIGHUP, reopen the access log on SIGUSR1 (logrotate); return on SIGTERM or SIGINT.
-async fn signals(server: &Server) -> std::io::Result<&'static str> {
+/// The signals portcullis handles: reload on SIGHUP, reopen the access log on SIGUSR1
+/// (logrotate), stop on SIGTERM or SIGINT.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
-        let mut usr1 = signal(SignalKind::user_defined1())?;
-        loop {
-            tokio::select! {
-                _ = term.recv() => return Ok("SIGTERM"),
-                _ = int.recv() => return Ok("SIGINT"),
-                _ = hup.recv() => {
-                    tracing::info!(signal = "SIGHUP", "reloading");
-                    portcullis::sdnotify::notify("RELOADING=1");
-                    server.reload();
-                    portcullis::sdnotify::notify("READY=1");
-                }
-                _ = usr1.recv() => {
-                    tracing::info!(signal = "SIGUSR1", "reopening the access log");
-                    server.reopen_logs();
+    streams: [tokio::signal::unix::Signal; 4],
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals {
+                streams: [
+                    signal(SignalKind::terminate())?,
+                    signal(SignalKind::interrupt())?,
+                    signal(SignalKind::hangup())?,
+                    signal(SignalKind::user_defined1())?,
+                ],
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    /// Handle signals until one says stop; its name.
+    async fn wait(&mut self, server: &Server) -> std::io::Result<&'static str> {
+        #[cfg(unix)]
+        {
+            let [term, int, hup, usr1] = &mut self.streams;
+            loop {
+                tokio::select! {
+                    _ = term.recv() => return Ok("SIGTERM"),
+                    _ = int.recv() => return Ok("SIGINT"),
+                    _ = hup.recv() => {
+                        tracing::info!(signal = "SIGHUP", "reloading");
+                        portcullis::sdnotify::notify("RELOADING=1");
+                        server.reload();
+                        portcullis::sdnotify::notify("READY=1");
+                    }
+                    _ = usr1.recv() => {
+                        tracing::info!(signal = "SIGUSR1", "reopening the access log");
+                        server.reopen_logs();
+                    }
                 }
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = server;
-        tokio::signal::ctrl_c().await?;
-        Ok("ctrl-c")
+        #[cfg(not(unix))]
+        {
+            let _ = server;
+            tokio::signal::ctrl_c().await?;
+            Ok("ctrl-c")
+        }
     }
 }
 
