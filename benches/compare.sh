@@ -20,6 +20,12 @@
 #                    hook; the rate reached is printed): p50/p99 of direct, nginx and
 #                    portcullis, and the latency each proxy adds at p50: the median over
 #                    rounds of its p50 minus direct's p50 in the same round
+#   instructions     user-space instructions per proxied request of the apikey job, each
+#                    proxy under valgrind --tool=callgrind (after a 2 s warm-up, over
+#                    DURATION of load): repeatable whatever else the machine does, so it
+#                    shows what a code change costs where req/s here cannot. valgrind hides
+#                    the CPU's SHA extensions: portcullis' SHA-256 of the key runs in
+#                    software here (about 7,000 instructions of its count)
 #   websocket        WebSocket echo messages/s: 32 sessions opened with the API key, each
 #                    sending a 64-byte text message and waiting for its echo (the load tool
 #                    and the echo backend are benches/wsload.rs, built as an example); nginx:
@@ -37,7 +43,8 @@
 #
 # Environment: ROUNDS (5), DURATION (5s), CONNS (32), PORTCULLIS (the binary; default: built
 # with cargo build --release). Needs nginx, wrk, htpasswd and taskset: Debian packages nginx,
-# wrk, apache2-utils, util-linux (installed when missing and running as root).
+# wrk, apache2-utils, util-linux, and valgrind for `instructions` (installed when missing and
+# running as root).
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-5}
@@ -53,6 +60,7 @@ command -v taskset >/dev/null || need+=(util-linux)
 command -v bc >/dev/null || need+=(bc)
 command -v openssl >/dev/null || need+=(openssl)
 command -v python3 >/dev/null || need+=(python3)
+if [[ " $* " == *" instructions "* ]]; then command -v valgrind >/dev/null || need+=(valgrind); fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
@@ -84,11 +92,12 @@ trap cleanup EXIT
 
 BACKEND_PORT=18180 NGINX_PORT=18181 PORTCULLIS_PORT=18182 ADMIN_PORT=18183 WS_PORT=18184
 
-nginx_conf() { # name, server block
+nginx_conf() { # name, server block; NGINX_MAIN: more main-context directives
   mkdir -p "$work/$1"
   cat > "$work/$1/nginx.conf" <<EOF
 worker_processes 1;
 daemon off;
+${NGINX_MAIN:-}
 pid $work/$1/nginx.pid;
 error_log $work/$1/error.log warn;
 worker_rlimit_nofile 30000;
@@ -113,7 +122,7 @@ start() { # core, command...
 }
 
 wait_port() {
-  for _ in $(seq 100); do
+  for _ in $(seq 600); do
     (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0
     sleep 0.05
   done
@@ -151,14 +160,18 @@ rps() { # url, header...: "req/s p50_us p99_us"; every response must be a 200
   echo "$r $p50 $p99"
 }
 
-# Resident memory (kB) of a process and its children (nginx's master and worker).
-rss_kb() {
+# The sum of a number read from /proc for a process and its children (nginx's worker):
+# tree_sum PID FILE AWK-PROGRAM, where the program prints the number.
+tree_sum() {
   local total=0 p
   for p in "$1" $(pgrep -P "$1"); do
-    total=$(( total + $(awk '/^VmRSS:/ {print $2}' "/proc/$p/status") ))
+    total=$(( total + $(awk "$3" "/proc/$p/$2") ))
   done
   echo "$total"
 }
+
+# Resident memory (kB).
+rss_kb() { tree_sum "$1" status '/^VmRSS:/ {print $2}'; }
 
 # Hold N idle keep-alive connections (each sent one request) to a port; print when ready,
 # exit when stdin closes.
@@ -191,14 +204,8 @@ idle_gate() {
   echo "warning: core 0 did not become idle" >&2
 }
 
-# CPU time (clock ticks) a process and its children (nginx's worker) have used so far.
-cpu_ticks() {
-  local total=0 p
-  for p in "$1" $(pgrep -P "$1"); do
-    total=$(( total + $(awk '{print $14 + $15}' "/proc/$p/stat") ))
-  done
-  echo "$total"
-}
+# CPU time used so far (clock ticks).
+cpu_ticks() { tree_sum "$1" stat '{print $14 + $15}'; }
 TICK_US=$(( 1000000 / $(getconf CLK_TCK) ))
 
 # Run a measurement (which prints "rate p50 p99") and append the CPU the process PID spent per
@@ -255,7 +262,7 @@ for scenario in "${@:-basic-bcrypt10 noauth}"; do
         nginx_conf "$s-nginx" "server { listen 127.0.0.1:$NGINX_PORT; location / { auth_basic bench; auth_basic_user_file $dir/htpasswd; $PROXY_LOCATION } }"
         auth="htpasswd_file = \"$dir/htpasswd\""
         ;;
-      apikey|apikey-tls|idle10k|latency2k|websocket)
+      apikey|apikey-tls|idle10k|latency2k|websocket|instructions)
         printf '[[keys]]\nname = "bench"\napi_key = "%s"\n' "$KEY" > "$dir/keys.toml"
         auth_header=("Authorization: Bearer $KEY")
         listen="listen 127.0.0.1:$NGINX_PORT"
@@ -275,7 +282,9 @@ key = \"$work/tls.key\""
           start 1 "$WSLOAD" echo "127.0.0.1:$WS_PORT"   # stopped with the proxies
           wait_port $WS_PORT
         fi
-        nginx_conf "$s-nginx" "$JOB_HTTP
+        # Under callgrind, the process that serves must be the one valgrind started.
+        main=""; [ "$s" = instructions ] && main="master_process off;"
+        NGINX_MAIN=$main nginx_conf "$s-nginx" "$JOB_HTTP
           server { $listen; location / { if (\$bench_ok = 0) { return 401; } $location $JOB } }"
         auth="keys_file = \"$dir/keys.toml\""
         rate="requests_per_second = 100000
@@ -307,12 +316,34 @@ $rate
 level = "warn"
 access_log = "off"
 EOF
-    start 0 "$NGINX" -c "$work/$s-nginx/nginx.conf"
+    under=()
+    if [ "$s" = instructions ]; then
+      under=(valgrind --tool=callgrind "--callgrind-out-file=$dir/cg.%p")
+    fi
+    start 0 "${under[@]}" "$NGINX" -c "$work/$s-nginx/nginx.conf"
     nginx_pid=${pids[-1]}
-    start 0 "$PORTCULLIS" --config "$dir/proxy.toml"
+    start 0 "${under[@]}" "$PORTCULLIS" --config "$dir/proxy.toml"
     portcullis_pid=${pids[-1]}
     wait_port $NGINX_PORT
     wait_port $PORTCULLIS_PORT
+    if [ "$s" = instructions ]; then
+      for who in nginx portcullis; do
+        pid_var=${who}_pid; pid=${!pid_var}
+        port=$NGINX_PORT; [ $who = portcullis ] && port=$PORTCULLIS_PORT
+        DURATION=2s rps "http://127.0.0.1:$port/" "${auth_header[@]}" >/dev/null
+        callgrind_control -z "$pid" >/dev/null
+        read -r rate _ < <(rps "http://127.0.0.1:$port/" "${auth_header[@]}")
+        callgrind_control -d "$pid" >/dev/null
+        ir=$(callgrind_annotate "$dir/cg.$pid.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+        echo "$(echo "$ir / ($rate * ${DURATION%s})" | bc)" > "$dir/$who"
+      done
+      n=$(cat "$dir/nginx"); p=$(cat "$dir/portcullis")
+      printf '%-14s instructions per request: nginx %s, portcullis %s (%.2fx)\n' "$s" "$n" "$p" "$(echo "$p / $n" | bc -l)"
+      printf '| %s | | | | %.2f× | user-space instructions per request: %s | %s | | |\n' \
+        "$s" "$(echo "$p / $n" | bc -l)" "$n" "$p" >> "$report"
+      stop_all_but_backend
+      continue
+    fi
     if [ "$s" = idle10k ]; then
       for who in nginx portcullis; do
         pid_var=${who}_pid; pid=${!pid_var}

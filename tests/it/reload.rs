@@ -342,7 +342,7 @@ async fn disabling_a_key_closes_its_streams_and_leaves_others_alone() {
 
     b_ws.send(Message::text("still here")).await.unwrap();
     assert_eq!(next_message(&mut b_ws).await, Message::text("still here"));
-    let streams = proxy.server.as_ref().unwrap().proxy().streams.clone();
+    let streams = proxy.inner().streams.clone();
     assert_eq!(streams.revoked_total(), 3);
     let revoked = proxy
         .access_lines(3)
@@ -351,6 +351,43 @@ async fn disabling_a_key_closes_its_streams_and_leaves_others_alone() {
         .filter(|l| l["outcome"] == "revoked")
         .count();
     assert_eq!(revoked, 3);
+}
+
+/// Requests with one key in a loop until stopped, counting those that were not a 200.
+struct LoadLoop {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    counts: Arc<[AtomicUsize; 2]>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LoadLoop {
+    fn start(proxy: &Arc<Proxy>, key: String) -> LoadLoop {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let counts = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+        let task = {
+            let (proxy, stop, counts) = (proxy.clone(), stop.clone(), counts.clone());
+            tokio::spawn(async move {
+                let c = client();
+                while !stop.load(Ordering::Relaxed) {
+                    let r =
+                        send_with(&c, "GET", &proxy.url("/api"), &[("x-api-key", &key)], "").await;
+                    counts[0].fetch_add(1, Ordering::Relaxed);
+                    if r.status != 200 {
+                        counts[1].fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        };
+        LoadLoop { stop, counts, task }
+    }
+
+    /// Stop the loop: (requests sent, requests that failed).
+    async fn finish(self) -> (usize, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap();
+        let [sent, failed] = &*self.counts;
+        (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed))
+    }
 }
 
 #[tokio::test]
@@ -362,23 +399,7 @@ async fn requests_with_an_unchanged_key_never_fail_while_the_file_is_rewritten()
     std::fs::write(&path, keys_toml(&[("steady", &steady, true)])).unwrap();
     let proxy = Arc::new(proxy_with_keys_at(&backend.url(), &path).await);
 
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let load = {
-        let (proxy, stop, sent, failed) =
-            (proxy.clone(), stop.clone(), sent.clone(), failed.clone());
-        tokio::spawn(async move {
-            let c = client();
-            while !stop.load(Ordering::Relaxed) {
-                let r =
-                    send_with(&c, "GET", &proxy.url("/api"), &[("x-api-key", &steady)], "").await;
-                sent.fetch_add(1, Ordering::Relaxed);
-                if r.status != 200 {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        })
-    };
+    let load = LoadLoop::start(&proxy, steady);
     // 50 rewrites in place (truncate, then write), each a different file.
     for n in 1..=50 {
         std::fs::write(
@@ -389,21 +410,10 @@ async fn requests_with_an_unchanged_key_never_fail_while_the_file_is_rewritten()
         tokio::time::sleep(Duration::from_millis(40)).await;
     }
     until_status(&proxy, &key(50), 200).await;
-    stop.store(true, Ordering::Relaxed);
-    load.await.unwrap();
-    assert!(
-        sent.load(Ordering::Relaxed) > 50,
-        "the load loop barely ran"
-    );
-    assert_eq!(failed.load(Ordering::Relaxed), 0);
-    let generation = proxy
-        .server
-        .as_ref()
-        .unwrap()
-        .proxy()
-        .snapshot
-        .load()
-        .generation;
+    let (sent, failed) = load.finish().await;
+    assert!(sent > 50, "the load loop barely ran");
+    assert_eq!(failed, 0);
+    let generation = proxy.inner().snapshot.load().generation;
     assert!(generation >= 2, "no reload happened");
 }
 
@@ -430,23 +440,7 @@ async fn a_keys_file_of_ten_thousand_keys_is_swapped_without_a_failed_request() 
     let proxy = Arc::new(proxy_with_keys_at(&backend.url(), &path).await);
     until_status(&proxy, &key(1), 200).await;
 
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let load = {
-        let (proxy, stop, sent, failed) =
-            (proxy.clone(), stop.clone(), sent.clone(), failed.clone());
-        tokio::spawn(async move {
-            let c = client();
-            while !stop.load(Ordering::Relaxed) {
-                let r =
-                    send_with(&c, "GET", &proxy.url("/api"), &[("x-api-key", &steady)], "").await;
-                sent.fetch_add(1, Ordering::Relaxed);
-                if r.status != 200 {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        })
-    };
+    let load = LoadLoop::start(&proxy, steady);
     // Three swaps the way an editor or a deploy tool writes: a new file renamed over the old.
     for n in 2..=4 {
         let next = dir.path().join("keys.toml.new");
@@ -455,25 +449,10 @@ async fn a_keys_file_of_ten_thousand_keys_is_swapped_without_a_failed_request() 
         until_status(&proxy, &key(n), 200).await;
         until_status(&proxy, &key(n - 1), 401).await;
     }
-    stop.store(true, Ordering::Relaxed);
-    load.await.unwrap();
-    assert!(
-        sent.load(Ordering::Relaxed) > 10,
-        "the load loop barely ran"
-    );
-    assert_eq!(failed.load(Ordering::Relaxed), 0);
-    assert_eq!(
-        proxy
-            .server
-            .as_ref()
-            .unwrap()
-            .proxy()
-            .snapshot
-            .load()
-            .keys
-            .len(),
-        10_000
-    );
+    let (sent, failed) = load.finish().await;
+    assert!(sent > 10, "the load loop barely ran");
+    assert_eq!(failed, 0);
+    assert_eq!(proxy.inner().snapshot.load().keys.len(), 10_000);
 }
 
 #[tokio::test]

@@ -171,7 +171,7 @@ async fn revoking_a_credential_cuts_its_streams_and_the_backend_sees_it() {
     let tx_kept = sse.sender(1).await;
     wait_streams(&proxy, StreamKind::Sse, 2).await;
 
-    let streams = proxy.server.as_ref().unwrap().proxy().streams.clone();
+    let streams = proxy.inner().streams.clone();
     let digest = portcullis::auth::api_key::digest(PROD_KEY.as_bytes());
     assert_eq!(
         streams.revoke(|c| *c == portcullis::streams::CredId::Key(digest)),
@@ -244,7 +244,7 @@ async fn a_response_of_unknown_length_is_registered_as_a_stream() {
     // A response with a Content-Length is not a stream.
     let r = get(&proxy.url("/plain"), &[("x-api-key", PROD_KEY)]).await;
     assert_eq!(r.status, 200);
-    let streams = proxy.server.as_ref().unwrap().proxy().streams.clone();
+    let streams = proxy.inner().streams.clone();
     for kind in StreamKind::ALL {
         assert_eq!(streams.active(kind), 0);
     }

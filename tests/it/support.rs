@@ -235,6 +235,11 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// The running proxy's state (credentials, limits, streams, counters).
+    pub fn inner(&self) -> &portcullis::proxy::Proxy {
+        self.server.as_ref().expect("the proxy is running").proxy()
+    }
+
     /// Start a proxy in front of `upstream` with the standard keys file and `extra` TOML
     /// appended (sections other than [upstream] and [auth]'s keys_file).
     pub async fn start(upstream: &str, extra: &str) -> Proxy {
@@ -316,7 +321,7 @@ impl Proxy {
 
 /// Wait (10 s at most) until the proxy has `n` live streams of `kind`.
 pub async fn wait_streams(proxy: &Proxy, kind: portcullis::streams::StreamKind, n: usize) {
-    let streams = proxy.server.as_ref().unwrap().proxy().streams.clone();
+    let streams = proxy.inner().streams.clone();
     let reached = eventually(Duration::from_secs(10), || {
         (streams.active(kind) == n).then_some(())
     })

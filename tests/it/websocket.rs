@@ -293,7 +293,7 @@ async fn revoking_a_credential_closes_its_websockets_only() {
         .unwrap();
     wait_streams(&proxy, StreamKind::WebSocket, 2).await;
 
-    let streams = proxy.server.as_ref().unwrap().proxy().streams.clone();
+    let streams = proxy.inner().streams.clone();
     let prod_digest = portcullis::auth::api_key::digest(PROD_KEY.as_bytes());
     let closed = streams.revoke(|c| *c == portcullis::streams::CredId::Key(prod_digest));
     assert_eq!(closed, 1);
