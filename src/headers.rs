@@ -189,12 +189,11 @@ impl RequestIds {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let a = splitmix64(self.seed ^ n);
         let b = splitmix64(a ^ n.rotate_left(32));
+        let mut raw = [0u8; 16];
+        raw[..8].copy_from_slice(&a.to_be_bytes());
+        raw[8..].copy_from_slice(&b.to_be_bytes());
         let mut hex = [0u8; 32];
-        for (i, d) in hex.iter_mut().enumerate() {
-            let word = if i < 16 { a } else { b };
-            let nibble = (word >> (60 - 4 * (i % 16))) & 0xf;
-            *d = b"0123456789abcdef"[nibble as usize];
-        }
+        crate::auth::api_key::hex_into(&raw, &mut hex);
         HeaderValue::from_bytes(&hex).expect("hex is a header value")
     }
 }

@@ -122,13 +122,23 @@ pub fn digest(key: &[u8]) -> [u8; 32] {
 }
 
 pub fn hex(bytes: &[u8]) -> String {
+    let mut out = vec![0u8; bytes.len() * 2];
+    hex_into(bytes, &mut out);
+    String::from_utf8(out).expect("hex digits are ASCII")
+}
+
+/// Lowercase hex of `bytes` written into `out`, which holds exactly twice as many bytes.
+pub fn hex_into(bytes: &[u8], out: &mut [u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(HEX[(b >> 4) as usize] as char);
-        s.push(HEX[(b & 15) as usize] as char);
+    assert_eq!(
+        out.len(),
+        bytes.len() * 2,
+        "hex_into: output of the wrong length"
+    );
+    for (b, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = HEX[(b >> 4) as usize];
+        pair[1] = HEX[(b & 15) as usize];
     }
-    s
 }
 
 /// A new key: a 4-character prefix (`mas_` server, `mau_` user) and 54 characters of URL-safe
