@@ -26,6 +26,11 @@
 #                    shows what a code change costs where req/s here cannot. valgrind hides
 #                    the CPU's SHA extensions: portcullis' SHA-256 of the key runs in
 #                    software here (about 7,000 instructions of its count)
+#   reload10k        the worst request latency while a 10,000-key keys file is swapped by
+#                    rename every second (portcullis alone, on core 0 as a sidecar with a
+#                    1-CPU limit runs; one connection sending back to back from core 1):
+#                    wrk's max and p99 over DURATION×4 with the swaps, and without them in
+#                    the same sitting; every response must be a 200
 #   websocket        WebSocket echo messages/s: 32 sessions opened with the API key, each
 #                    sending a 64-byte text message and waiting for its echo (the load tool
 #                    and the echo backend are benches/wsload.rs, built as an example); nginx:
@@ -262,8 +267,21 @@ for scenario in "${@:-basic-bcrypt10 noauth}"; do
         nginx_conf "$s-nginx" "server { listen 127.0.0.1:$NGINX_PORT; location / { auth_basic bench; auth_basic_user_file $dir/htpasswd; $PROXY_LOCATION } }"
         auth="htpasswd_file = \"$dir/htpasswd\""
         ;;
-      apikey|apikey-tls|idle10k|latency2k|websocket|instructions)
+      apikey|apikey-tls|idle10k|latency2k|websocket|instructions|reload10k)
         printf '[[keys]]\nname = "bench"\napi_key = "%s"\n' "$KEY" > "$dir/keys.toml"
+        if [ "$s" = reload10k ]; then
+          # Two versions of a 10,000-key file, each with the bench key: swapping them changes
+          # the content, so every swap is a full reload.
+          for v in a b; do
+            python3 - "$v" >> "$dir/keys.$v" <<'PY'
+import secrets, sys
+for i in range(9999):
+    print(f'[[keys]]\nname = "client-{sys.argv[1]}-{i}"\napi_key = "mas_{secrets.token_urlsafe(40)}"\n')
+PY
+            cat "$dir/keys.toml" >> "$dir/keys.$v"
+          done
+          cp "$dir/keys.a" "$dir/keys.toml"
+        fi
         auth_header=("Authorization: Bearer $KEY")
         listen="listen 127.0.0.1:$NGINX_PORT"
         if [ "$s" = apikey-tls ]; then
@@ -319,6 +337,40 @@ EOF
     under=()
     if [ "$s" = instructions ]; then
       under=(valgrind --tool=callgrind "--callgrind-out-file=$dir/cg.%p")
+    fi
+    if [ "$s" = reload10k ]; then
+      # portcullis alone: nginx has no keys file to reload.
+      sed -i 's/^level = "warn"/level = "info"/' "$dir/proxy.toml"
+      start 0 "$PORTCULLIS" --config "$dir/proxy.toml"
+      wait_port $PORTCULLIS_PORT
+      url="http://127.0.0.1:$PORTCULLIS_PORT/"
+      DURATION=1s RUN_CONNS=1 rps "$url" "${auth_header[@]}" >/dev/null
+      secs=$(( ${DURATION%s} * 4 ))
+      max_latency() { # with_swaps (0|1): "max_us p99_us requests reloads"
+        local before swapper out
+        before=$(grep -c '"keys reloaded"' "$work/processes.log" || true)
+        if [ "$1" = 1 ]; then
+          ( v=b; while :; do cp "$dir/keys.$v" "$dir/keys.next"; mv "$dir/keys.next" "$dir/keys.toml"
+              [ $v = a ] && v=b || v=a; sleep 1; done ) &
+          swapper=$!
+        fi
+        out=$(taskset -c 1 wrk -t1 -c1 -d"${secs}s" --latency "${auth_header[@]/#/-H}" "$url")
+        [ "$1" = 1 ] && { kill "$swapper"; wait "$swapper" 2>/dev/null || true; }
+        if grep -q "Non-2xx\|Socket errors" <<<"$out"; then echo "$out" >&2; exit 1; fi
+        sleep 0.5   # the last swap's log line
+        echo "$(awk '$1=="Latency" {print $4}' <<<"$out" | to_us) $(awk '$1=="99%" {print $2}' <<<"$out" | to_us)" \
+          "$(awk '/requests in/ {print $1}' <<<"$out")" \
+          "$(( $(grep -c '"keys reloaded"' "$work/processes.log" || true) - before ))"
+      }
+      read -r q_max q_p99 q_n _ < <(max_latency 0)
+      read -r s_max s_p99 s_n s_reloads < <(max_latency 1)
+      taken=$(grep '"keys reloaded"' "$work/processes.log" | tail -n "$s_reloads" | grep -o '"duration_ms":[0-9]*' | cut -d: -f2 | sort -n | tail -1)
+      printf '%-14s worst request: %s µs during %s reloads (p99 %s µs, %s requests, every one 200); without reloads %s µs (p99 %s µs); slowest reload %s ms\n' \
+        "$s" "$s_max" "$s_reloads" "$s_p99" "$s_n" "$q_max" "$q_p99" "${taken:-?}"
+      printf '| %s | | | | | | worst request during %s reloads of 10,000 keys: %s µs (p99 %s); without reloads: %s µs (p99 %s) | | |\n' \
+        "$s" "$s_reloads" "$s_max" "$s_p99" "$q_max" "$q_p99" >> "$report"
+      stop_all_but_backend
+      continue
     fi
     start 0 "${under[@]}" "$NGINX" -c "$work/$s-nginx/nginx.conf"
     nginx_pid=${pids[-1]}

@@ -128,7 +128,7 @@ fn rate_limit(c: &mut Criterion) {
         burst: 200,
     };
     let local = Local::new();
-    let key = Subject::Credential(portcullis::streams::CredId::Key([7; 32]));
+    let key = Subject::Credential(portcullis::auth::CredId::Key([7; 32]));
     c.bench_function("rate limit check, one key", |b| {
         b.iter(|| local.check(&key, quota))
     });

@@ -13,7 +13,23 @@ use http::{HeaderValue, Method};
 use serde::Serialize;
 
 use crate::auth::Identity;
-use crate::config::{AccessFormat, AccessLog};
+
+#[derive(serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessFormat {
+    #[default]
+    Json,
+    /// Apache combined, client IP first: fail2ban's `^<HOST> .* 401 .*$` matches it.
+    Combined,
+}
+
+/// Where access log lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLog {
+    Stdout,
+    Off,
+    File(std::path::PathBuf),
+}
 
 /// One request, as logged. Held for every request whether or not the log is on, so it
 /// shares what the request already has (method, header values, the identity) instead of

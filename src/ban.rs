@@ -5,13 +5,19 @@
 //! Clients are keyed by IPv4 address, or by IPv6 /64 (one host usually owns a whole /64).
 //! Memory is bounded: at most [`MAX_TRACKED`] clients are tracked; when the table is full,
 //! clients that are not banned make room, oldest first. Active bans are never evicted.
-//! Pure: the caller passes the time and runs [`Bans::housekeep`] periodically.
+//! The table ([`LocalBans`]) is pure: the caller passes the time and runs
+//! [`Bans::housekeep`] periodically. With Redis (`[rate_limit] backend = "redis"`), [`Bans`]
+//! also keeps the counters and bans there, so a client banned by one replica is banned by all;
+//! while Redis cannot be reached, the local table still bans (fails closed to this replica's
+//! own view, never open).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use crate::redis::RedisLink;
 
 /// Clients tracked at most (failure counters and bans together).
 pub const MAX_TRACKED: usize = 100_000;
@@ -52,6 +58,14 @@ impl ClientKey {
             },
         }
     }
+
+    /// How Redis keys name the client: the address itself (IPv6 by its /64).
+    pub fn redis_id(&self) -> String {
+        match self {
+            ClientKey::V4(a) => format!("ip:{}", std::net::Ipv4Addr::from(*a)),
+            ClientKey::V6Prefix(p) => format!("ip6:{p:016x}"),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -62,15 +76,16 @@ struct Entry {
     last_seen: Option<Instant>,
 }
 
+/// This replica's own table of failure counters and bans.
 #[derive(Debug)]
-pub struct Bans {
+pub struct LocalBans {
     config: BanConfig,
     table: Mutex<HashMap<ClientKey, Entry>>,
     /// Active bans, so that the common case (none) takes no lock.
     active: AtomicUsize,
 }
 
-/// What [`Bans::record_failure`] did.
+/// What [`LocalBans::record_failure`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Recorded {
     Counted,
@@ -79,9 +94,9 @@ pub enum Recorded {
     Disabled,
 }
 
-impl Bans {
-    pub fn new(config: BanConfig) -> Bans {
-        Bans {
+impl LocalBans {
+    pub fn new(config: BanConfig) -> LocalBans {
+        LocalBans {
             config,
             table: Mutex::new(HashMap::new()),
             active: AtomicUsize::new(0),
@@ -214,12 +229,148 @@ fn drop_stale(table: &mut HashMap<ClientKey, Entry>, now: Instant, window: Durat
     });
 }
 
+/// Failure counters and bans kept in Redis, shared by every replica.
+struct SharedBans {
+    link: Arc<RedisLink>,
+    config: BanConfig,
+    record: redis::Script,
+    check: redis::Script,
+}
+
+/// KEYS[1]: the ban key. Returns the ban's remaining milliseconds, or 0.
+const BAN_CHECK_LUA: &str = r#"
+local left = redis.call('PTTL', KEYS[1])
+if left > 0 then return left end
+return 0
+"#;
+
+/// KEYS[1]: the client's key prefix. ARGV: failures, window ms, duration ms. Returns the ban's
+/// duration in ms when this failure started one, else 0.
+const BAN_RECORD_LUA: &str = r#"
+local fails = KEYS[1] .. ':fail'
+local ban = KEYS[1] .. ':ban'
+if redis.call('PTTL', ban) > 0 then return 0 end
+local n = redis.call('INCR', fails)
+if n == 1 then redis.call('PEXPIRE', fails, ARGV[2]) end
+if n >= tonumber(ARGV[1]) then
+  redis.call('DEL', fails)
+  redis.call('SET', ban, '1', 'PX', ARGV[3])
+  return tonumber(ARGV[3])
+end
+return 0
+"#;
+
+impl SharedBans {
+    fn new(link: Arc<RedisLink>, config: BanConfig) -> SharedBans {
+        SharedBans {
+            link,
+            config,
+            record: redis::Script::new(BAN_RECORD_LUA),
+            check: redis::Script::new(BAN_CHECK_LUA),
+        }
+    }
+
+    fn prefix(ip: IpAddr) -> String {
+        format!("portcullis:ban:{}", ClientKey::of(ip).redis_id())
+    }
+
+    /// How much longer `ip` is banned by any replica (`None` also when Redis cannot say).
+    async fn banned_for(&self, ip: IpAddr) -> Option<Duration> {
+        let key = format!("{}:ban", SharedBans::prefix(ip));
+        match self.link.invoke::<i64>(&self.check, &key, &[]).await {
+            Ok(ms) if ms > 0 => Some(Duration::from_millis(ms as u64)),
+            _ => None,
+        }
+    }
+
+    /// Count a failure everywhere; `Some(duration)` when it started a ban.
+    async fn record_failure(&self, ip: IpAddr) -> Option<Duration> {
+        let args = [
+            self.config.failures.to_string(),
+            self.config.window.as_millis().to_string(),
+            self.config.duration.as_millis().to_string(),
+        ];
+        match self
+            .link
+            .invoke::<i64>(&self.record, &SharedBans::prefix(ip), &args)
+            .await
+        {
+            Ok(ms) if ms > 0 => Some(Duration::from_millis(ms as u64)),
+            _ => None,
+        }
+    }
+}
+
+/// Bans as the request path sees them: this replica's table, and Redis's when shared.
+pub struct Bans {
+    local: LocalBans,
+    shared: Option<SharedBans>,
+}
+
+impl Bans {
+    /// `link`: the shared Redis, when `[rate_limit] backend = "redis"` (ignored when bans are
+    /// disabled).
+    pub fn new(config: BanConfig, link: Option<Arc<RedisLink>>) -> Bans {
+        Bans {
+            local: LocalBans::new(config),
+            shared: link
+                .filter(|_| config.enabled)
+                .map(|l| SharedBans::new(l, config)),
+        }
+    }
+
+    pub fn config(&self) -> &BanConfig {
+        self.local.config()
+    }
+
+    /// How much longer `ip` is banned, here or (when shared) by any replica.
+    pub async fn banned_for(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
+        if let Some(left) = self.local.banned_for(ip, now) {
+            return Some(left);
+        }
+        let left = self.shared.as_ref()?.banned_for(ip).await?;
+        // Banned by another replica: remember it here too.
+        self.local.mirror(ip, now, left);
+        Some(left)
+    }
+
+    /// Count a failed authentication from `ip`; logs `ban_start` when this one starts a ban.
+    pub async fn record_failure(&self, ip: IpAddr, now: Instant) {
+        let local = self.local.record_failure(ip, now);
+        let shared = match &self.shared {
+            Some(shared) => shared.record_failure(ip).await,
+            None => None,
+        };
+        let started = match (local, shared) {
+            (_, Some(d)) => {
+                self.local.mirror(ip, now, d);
+                Some(d)
+            }
+            (Recorded::BanStarted(d), None) => Some(d),
+            (Recorded::Counted | Recorded::Disabled, None) => None,
+        };
+        if let Some(d) = started {
+            tracing::warn!(event = "ban_start", client = %ip, duration = ?d, failures = self.config().failures, shared = self.shared.is_some(), "client banned after repeated authentication failures");
+        }
+    }
+
+    /// Clients banned right now on this replica.
+    pub fn active(&self) -> usize {
+        self.local.active()
+    }
+
+    /// Drop expired bans and stale failure counters; returns how many bans ended.
+    pub fn housekeep(&self, now: Instant) -> usize {
+        self.local.housekeep(now)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn bans(failures: u32) -> Bans {
-        Bans::new(BanConfig {
+    fn bans(failures: u32) -> LocalBans {
+        LocalBans::new(BanConfig {
             failures,
             ..BanConfig::default()
         })
@@ -297,7 +448,7 @@ mod tests {
 
     #[test]
     fn disabled_bans_count_nothing() {
-        let b = Bans::new(BanConfig {
+        let b = LocalBans::new(BanConfig {
             enabled: false,
             failures: 1,
             ..BanConfig::default()

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 
 use crate::auth::api_key;
 use crate::config::Config;
-use crate::proxy::text_response;
+use crate::server::text_response;
 use crate::server::Server;
 
 type EchoBody = BoxBody<Bytes, Infallible>;

@@ -8,7 +8,14 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
-use crate::auth::api_key::KeyRefusal;
+/// Why a presented key was refused. Defined here, where every refusal is, and used by the
+/// keys-file lookup (`auth::api_key`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyRefusal {
+    Unknown,
+    Disabled,
+    Expired,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Reject {
@@ -195,6 +202,7 @@ impl Reject {
     }
 
     /// Why authentication failed, for logs and metrics (`None` when it is not an auth failure).
+    /// Every variant is named: a new refusal does not compile until it is decided here.
     pub fn auth_reason(&self) -> Option<&'static str> {
         Some(match self {
             Reject::MissingCredentials | Reject::BasicRequired(_) => "missing",
@@ -204,20 +212,39 @@ impl Reject {
             Reject::InvalidToken(KeyRefusal::Unknown) => "invalid_token",
             Reject::InvalidToken(KeyRefusal::Disabled) => "disabled",
             Reject::InvalidToken(KeyRefusal::Expired) => "expired",
-            _ => return None,
+            Reject::Banned { .. }
+            | Reject::RateLimited { .. }
+            | Reject::Forbidden
+            | Reject::ForbiddenNetwork
+            | Reject::PayloadTooLarge
+            | Reject::BadRequest
+            | Reject::UpstreamUnavailable
+            | Reject::UpstreamTimeout
+            | Reject::UpgradeUnsupported => return None,
         })
     }
 
     /// Whether this refusal counts toward a ban: presented credentials that failed. A request
-    /// without credentials (a browser's first try) does not count (DESIGN.md §4).
+    /// without credentials (a browser's first try) does not count (DESIGN.md §4). Every
+    /// variant is named: a new refusal does not compile until it is decided here.
     pub fn counts_toward_ban(&self) -> bool {
-        matches!(
-            self,
+        match self {
             Reject::MalformedCredentials
-                | Reject::InvalidScheme
-                | Reject::InvalidToken(_)
-                | Reject::BadPassword(_)
-        )
+            | Reject::InvalidScheme
+            | Reject::InvalidToken(_)
+            | Reject::BadPassword(_) => true,
+            Reject::MissingCredentials
+            | Reject::BasicRequired(_)
+            | Reject::Banned { .. }
+            | Reject::RateLimited { .. }
+            | Reject::Forbidden
+            | Reject::ForbiddenNetwork
+            | Reject::PayloadTooLarge
+            | Reject::BadRequest
+            | Reject::UpstreamUnavailable
+            | Reject::UpstreamTimeout
+            | Reject::UpgradeUnsupported => false,
+        }
     }
 
     /// The response, with `body` as its body type.

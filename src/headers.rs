@@ -9,6 +9,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::{header, HeaderMap, HeaderName, HeaderValue};
 
+/// Response headers added to every response, the backend's and the proxy's own.
+#[derive(Debug, Clone, Default)]
+pub struct HeadersConfig {
+    /// Sent only on responses over TLS.
+    pub hsts: Option<http::HeaderValue>,
+    /// Sent on every response, in this order.
+    pub add: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// Removed from every backend response.
+    pub remove: Vec<http::HeaderName>,
+    /// Replace a header the backend already set (default: keep the backend's).
+    pub override_backend: bool,
+}
+
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -139,7 +152,7 @@ pub fn set_forwarded(headers: &mut HeaderMap, f: &Forwarded<'_>) {
 /// Apply `[headers]` to a response: drop what `remove` names (the backend's `Server`,
 /// `X-Powered-By`), add the security headers, HSTS only over TLS (RFC 6797 §7.2: never over
 /// plain HTTP). A header the backend set is kept unless `override` is on.
-pub fn secure_response(headers: &mut HeaderMap, cfg: &crate::config::HeadersConfig, tls: bool) {
+pub fn secure_response(headers: &mut HeaderMap, cfg: &HeadersConfig, tls: bool) {
     remove_all(headers, &cfg.remove);
     let hsts = tls
         .then_some(cfg.hsts.as_ref())
@@ -277,8 +290,8 @@ mod tests {
         assert_eq!(h["x-real-ip"], "203.0.113.5");
     }
 
-    fn headers_config(override_backend: bool) -> crate::config::HeadersConfig {
-        crate::config::HeadersConfig {
+    fn headers_config(override_backend: bool) -> HeadersConfig {
+        HeadersConfig {
             hsts: Some(HeaderValue::from_static("max-age=60")),
             add: vec![(
                 HeaderName::from_static("x-frame-options"),

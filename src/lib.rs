@@ -8,6 +8,7 @@ pub mod auth;
 pub mod authz;
 pub mod ban;
 pub mod config;
+pub mod conn;
 pub mod demo;
 pub mod diag;
 pub mod error;
@@ -17,14 +18,13 @@ pub mod netpolicy;
 pub mod path;
 pub mod proxy;
 pub mod ratelimit;
+pub mod redis;
 pub mod reload;
 #[cfg(unix)]
 pub mod sdnotify;
 pub mod server;
-pub mod state;
 pub mod streams;
 pub mod tls;
-pub mod tunnel;
 
 pub use config::Config;
 pub use server::Server;

@@ -194,7 +194,7 @@ impl Signals {
                     _ = hup.recv() => {
                         tracing::info!(signal = "SIGHUP", "reloading");
                         portcullis::sdnotify::notify("RELOADING=1");
-                        server.reload();
+                        server.reload().await;
                         portcullis::sdnotify::notify("READY=1");
                     }
                     _ = usr1.recv() => {

@@ -5,7 +5,7 @@
 //! time by a collector. Labels only ever take values from small fixed sets: never a key name,
 //! a user, a path or an address.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use prometheus_client::collector::Collector;
@@ -17,8 +17,15 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::proxy::Proxy;
-use crate::streams::StreamKind;
+use arc_swap::ArcSwap;
+
+use crate::auth::Snapshot;
+use crate::ban::Bans;
+use crate::error::Reject;
+use crate::redis::RedisLink;
+use crate::reload::Reloader;
+use crate::streams::{StreamKind, Streams};
+use crate::tls::CertResolver;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -114,6 +121,25 @@ impl Metrics {
             .observe(seconds);
     }
 
+    /// Count a refusal where it belongs: an authentication failure by reason, a rate limit,
+    /// a ban.
+    pub fn refused(&self, reject: &Reject) {
+        if let Some(reason) = reject.auth_reason() {
+            self.auth_failures
+                .get_or_create(&ReasonLabels { reason })
+                .inc();
+        }
+        match reject {
+            Reject::RateLimited { .. } => {
+                self.rate_limited.inc();
+            }
+            Reject::Banned { .. } => {
+                self.banned.inc();
+            }
+            _ => {}
+        }
+    }
+
     pub fn upstream_error(&self, kind: &'static str) {
         self.upstream_errors
             .get_or_create(&KindLabels { kind })
@@ -121,14 +147,22 @@ impl Metrics {
     }
 }
 
+/// What the state collector reads at scrape time: explicit handles, each owned elsewhere.
+pub struct Sources {
+    /// The public listener's connection permits, and how many there are.
+    pub connections: Arc<tokio::sync::Semaphore>,
+    pub max_connections: usize,
+    pub tls: Option<Arc<CertResolver>>,
+    pub bans: Arc<Bans>,
+    pub streams: Arc<Streams>,
+    pub credentials: Arc<ArcSwap<Snapshot>>,
+    pub reloader: Arc<Reloader>,
+    /// The shared Redis, when limits and bans are kept there.
+    pub redis: Option<Arc<RedisLink>>,
+}
+
 /// The registry served on `/metrics`: the event metrics and the state collector.
-pub fn registry(
-    metrics: &Metrics,
-    proxy: Weak<Proxy>,
-    tls: Option<Arc<crate::tls::CertResolver>>,
-    connections: Arc<tokio::sync::Semaphore>,
-    max_connections: usize,
-) -> Registry {
+pub fn registry(metrics: &Metrics, sources: Sources) -> Registry {
     let mut r = Registry::default();
     r.register(
         "portcullis_requests",
@@ -161,22 +195,17 @@ pub fn registry(
         "Failed exchanges with the backend, by kind (connect, timeout, reset, protocol)",
         metrics.upstream_errors.clone(),
     );
-    r.register_collector(Box::new(State {
-        proxy,
-        tls,
-        connections,
-        max_connections,
-    }));
+    r.register_collector(Box::new(State(sources)));
     r
 }
 
 /// State read at scrape time.
-#[derive(Debug)]
-struct State {
-    proxy: Weak<Proxy>,
-    tls: Option<Arc<crate::tls::CertResolver>>,
-    connections: Arc<tokio::sync::Semaphore>,
-    max_connections: usize,
+struct State(Sources);
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("State")
+    }
 }
 
 fn unix_seconds(t: SystemTime) -> f64 {
@@ -196,16 +225,17 @@ fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fm
 
 impl Collector for State {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let open = self
+        let s = &self.0;
+        let open = s
             .max_connections
-            .saturating_sub(self.connections.available_permits());
+            .saturating_sub(s.connections.available_permits());
         gauge(
             &mut e,
             "portcullis_connections_active",
             "Open client connections on the public listener (WebSocket tunnels included)",
             open as f64,
         )?;
-        if let Some(tls) = &self.tls {
+        if let Some(tls) = &s.tls {
             let cert = tls.current();
             gauge(
                 &mut e,
@@ -215,14 +245,11 @@ impl Collector for State {
             )?;
         }
         process(&mut e)?;
-        let Some(proxy) = self.proxy.upgrade() else {
-            return Ok(());
-        };
         gauge(
             &mut e,
             "portcullis_bans_active",
             "Clients banned right now",
-            proxy.bans.active() as f64,
+            s.bans.active() as f64,
         )?;
         {
             let mut m = e.encode_descriptor(
@@ -233,18 +260,17 @@ impl Collector for State {
             )?;
             for kind in StreamKind::ALL {
                 let labels = KindLabels { kind: kind.label() };
-                ConstGauge::new(proxy.streams.active(kind) as f64)
-                    .encode(m.encode_family(&labels)?)?;
+                ConstGauge::new(s.streams.active(kind) as f64).encode(m.encode_family(&labels)?)?;
             }
         }
         counter(
             &mut e,
             "portcullis_streams_revoked",
             "Streams closed because their credential was revoked",
-            proxy.streams.revoked_total(),
+            s.streams.revoked_total(),
         )?;
-        reloads(&mut e, &proxy, self.tls.as_deref())?;
-        let snapshot = proxy.snapshot.load();
+        reloads(&mut e, &s.reloader, s.tls.as_deref())?;
+        let snapshot = s.credentials.load();
         {
             let mut m = e.encode_descriptor(
                 "portcullis_credentials_loaded",
@@ -265,15 +291,12 @@ impl Collector for State {
             "Credential snapshot generation: 1 at start, one more per reload that changed something",
             snapshot.generation as f64,
         )?;
-        if let crate::ratelimit::RateLimits::Shared { shared, .. } = &proxy.rate {
+        if let Some(link) = &s.redis {
             counter(
                 &mut e,
                 "portcullis_redis_errors",
                 "Redis calls that failed (shared rate limits and bans)",
-                shared
-                    .link
-                    .errors
-                    .load(std::sync::atomic::Ordering::Relaxed),
+                link.errors.load(std::sync::atomic::Ordering::Relaxed),
             )?;
         }
         Ok(())
@@ -293,16 +316,13 @@ struct FileLabels {
 
 fn reloads(
     e: &mut DescriptorEncoder,
-    proxy: &Proxy,
-    tls: Option<&crate::tls::CertResolver>,
+    reloader: &Reloader,
+    tls: Option<&CertResolver>,
 ) -> std::fmt::Result {
     let mut rows: Vec<(&'static str, u64, u64, Option<SystemTime>)> = Vec::new();
     for (file, status) in [
-        ("keys", crate::state::Reloads::status(&proxy.reloads.keys)),
-        (
-            "htpasswd",
-            crate::state::Reloads::status(&proxy.reloads.htpasswd),
-        ),
+        ("keys", Reloader::status(&reloader.keys)),
+        ("htpasswd", Reloader::status(&reloader.htpasswd)),
     ] {
         if let Some(s) = status {
             rows.push((file, s.reloads_ok, s.reloads_failed, Some(s.last_success)));

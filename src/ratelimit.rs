@@ -8,15 +8,16 @@ use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DashMapStateStore;
 use http::{HeaderName, HeaderValue};
 
+use crate::auth::CredId;
 use crate::ban::ClientKey;
-use crate::streams::CredId;
+use crate::redis::RedisLink;
+pub use crate::redis::{RedisConfig, RedisFailure};
 
 /// Requests per second and burst: one GCRA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -62,8 +63,7 @@ impl Subject {
             Subject::Credential(CredId::User(u)) => format!("u:{u}"),
             Subject::Credential(CredId::ClientCert(c)) => format!("c:{c}"),
             Subject::Credential(CredId::Anonymous) => "anon".into(),
-            Subject::Address(ClientKey::V4(a)) => format!("ip:{}", std::net::Ipv4Addr::from(*a)),
-            Subject::Address(ClientKey::V6Prefix(p)) => format!("ip6:{p:016x}"),
+            Subject::Address(client) => client.redis_id(),
         }
     }
 }
@@ -113,25 +113,6 @@ impl Decision {
 
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
-
-/// What to do while Redis cannot be reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RedisFailure {
-    /// Let requests through (and count and log the error).
-    #[default]
-    Allow,
-    /// Refuse with 429 until Redis answers again.
-    Deny,
-}
-
-#[derive(Debug, Clone)]
-pub struct RedisConfig {
-    pub url: String,
-    pub failure: RedisFailure,
-    /// Each call (and each connection attempt) takes at most this long.
-    pub timeout: Duration,
-}
 
 #[derive(Debug, Clone)]
 pub struct RateLimitConfig {
@@ -301,111 +282,6 @@ local remaining = math.floor((now + tolerance - new_tat) / interval)
 return {1, remaining, 0, math.floor(new_tat - now)}
 "#;
 
-/// One Redis server, connected lazily and reconnected by the connection manager; while it is
-/// down, a new connection is tried at most once a second.
-pub struct RedisLink {
-    config: RedisConfig,
-    client: redis::Client,
-    conn: tokio::sync::Mutex<Option<redis::aio::ConnectionManager>>,
-    last_connect_attempt: Mutex<Option<std::time::Instant>>,
-    /// Calls that failed (Redis unreachable, timed out, or refused the script).
-    pub errors: AtomicU64,
-}
-
-impl RedisLink {
-    pub fn new(config: RedisConfig) -> Result<RedisLink, String> {
-        let client =
-            redis::Client::open(config.url.as_str()).map_err(|e| format!("redis_url: {e}"))?;
-        Ok(RedisLink {
-            config,
-            client,
-            conn: tokio::sync::Mutex::new(None),
-            last_connect_attempt: Mutex::new(None),
-            errors: AtomicU64::new(0),
-        })
-    }
-
-    pub fn failure_policy(&self) -> RedisFailure {
-        self.config.failure
-    }
-
-    /// Run `script` with `key` and `args`, within `redis_timeout`.
-    pub async fn invoke<T: redis::FromRedisValue>(
-        &self,
-        script: &redis::Script,
-        key: &str,
-        args: &[String],
-    ) -> Result<T, String> {
-        let Some(mut conn) = self.connection().await else {
-            return Err(self.failed("no connection".into()));
-        };
-        let mut invocation = script.key(key);
-        for a in args {
-            invocation.arg(a);
-        }
-        let call = invocation.invoke_async::<T>(&mut conn);
-        match tokio::time::timeout(self.config.timeout, call).await {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) => Err(self.failed(e.to_string())),
-            Err(_) => Err(self.failed("timed out".into())),
-        }
-    }
-
-    fn failed(&self, e: String) -> String {
-        let n = self.errors.fetch_add(1, Ordering::Relaxed);
-        // One line per hundred failures: a Redis outage must not flood the log.
-        if n % 100 == 0 {
-            tracing::error!(event = "redis", error = %e, policy = ?self.config.failure, failures = n + 1, "Redis call failed");
-        }
-        e
-    }
-
-    async fn connection(&self) -> Option<redis::aio::ConnectionManager> {
-        let mut slot = self.conn.lock().await;
-        if let Some(c) = slot.as_ref() {
-            return Some(c.clone());
-        }
-        {
-            // While Redis is down, try to connect at most once a second.
-            let mut last = self
-                .last_connect_attempt
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
-                return None;
-            }
-            *last = Some(std::time::Instant::now());
-        }
-        let cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.config.timeout))
-            .set_response_timeout(Some(self.config.timeout))
-            .set_number_of_retries(1);
-        match tokio::time::timeout(
-            self.config.timeout * 2,
-            redis::aio::ConnectionManager::new_with_config(self.client.clone(), cfg),
-        )
-        .await
-        {
-            Ok(Ok(c)) => {
-                tracing::info!(
-                    event = "redis",
-                    "connected to Redis; shared rate limits in force"
-                );
-                *slot = Some(c.clone());
-                Some(c)
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(event = "redis", error = %e, "cannot connect to Redis");
-                None
-            }
-            Err(_) => {
-                tracing::warn!(event = "redis", "connecting to Redis timed out");
-                None
-            }
-        }
-    }
-}
-
 /// Limits shared through Redis.
 pub struct Shared {
     pub link: Arc<RedisLink>,
@@ -456,83 +332,6 @@ impl Shared {
                     reset: 0,
                 }
             }
-        }
-    }
-}
-
-/// Bans shared through Redis: failures are counted and bans set there, so a client banned by
-/// one replica is banned by all. Each replica also keeps its own [`crate::ban::Bans`], which
-/// mirrors shared bans and carries on alone while Redis is unreachable.
-pub struct SharedBans {
-    link: Arc<RedisLink>,
-    config: crate::ban::BanConfig,
-    record: redis::Script,
-    check: redis::Script,
-}
-
-/// KEYS[1]: the ban key. Returns the ban's remaining milliseconds, or 0.
-const BAN_CHECK_LUA: &str = r#"
-local left = redis.call('PTTL', KEYS[1])
-if left > 0 then return left end
-return 0
-"#;
-
-/// KEYS[1]: the client's key prefix. ARGV: failures, window ms, duration ms. Returns the ban's
-/// duration in ms when this failure started one, else 0.
-const BAN_RECORD_LUA: &str = r#"
-local fails = KEYS[1] .. ':fail'
-local ban = KEYS[1] .. ':ban'
-if redis.call('PTTL', ban) > 0 then return 0 end
-local n = redis.call('INCR', fails)
-if n == 1 then redis.call('PEXPIRE', fails, ARGV[2]) end
-if n >= tonumber(ARGV[1]) then
-  redis.call('DEL', fails)
-  redis.call('SET', ban, '1', 'PX', ARGV[3])
-  return tonumber(ARGV[3])
-end
-return 0
-"#;
-
-impl SharedBans {
-    pub fn new(link: Arc<RedisLink>, config: crate::ban::BanConfig) -> SharedBans {
-        SharedBans {
-            link,
-            config,
-            record: redis::Script::new(BAN_RECORD_LUA),
-            check: redis::Script::new(BAN_CHECK_LUA),
-        }
-    }
-
-    fn prefix(ip: IpAddr) -> String {
-        format!(
-            "portcullis:ban:{}",
-            Subject::Address(ClientKey::of(ip)).redis_id()
-        )
-    }
-
-    /// How much longer `ip` is banned by any replica (`None` also when Redis cannot say).
-    pub async fn banned_for(&self, ip: IpAddr) -> Option<Duration> {
-        let key = format!("{}:ban", SharedBans::prefix(ip));
-        match self.link.invoke::<i64>(&self.check, &key, &[]).await {
-            Ok(ms) if ms > 0 => Some(Duration::from_millis(ms as u64)),
-            _ => None,
-        }
-    }
-
-    /// Count a failure everywhere; `Some(duration)` when it started a ban.
-    pub async fn record_failure(&self, ip: IpAddr) -> Option<Duration> {
-        let args = [
-            self.config.failures.to_string(),
-            self.config.window.as_millis().to_string(),
-            self.config.duration.as_millis().to_string(),
-        ];
-        match self
-            .link
-            .invoke::<i64>(&self.record, &SharedBans::prefix(ip), &args)
-            .await
-        {
-            Ok(ms) if ms > 0 => Some(Duration::from_millis(ms as u64)),
-            _ => None,
         }
     }
 }
@@ -602,6 +401,7 @@ impl RateLimits {
 mod tests {
     use super::*;
     use governor::clock::FakeRelativeClock;
+    use std::time::Duration;
 
     const Q: Quota = Quota {
         per_second: 2,

@@ -3,47 +3,13 @@
 //! can close its streams, and so that metrics can count them.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::Identity;
-
-/// What opened a stream, precisely enough to revoke it: an API key by its digest (two keys may
-/// share a name during a rotation), an htpasswd user or a client certificate by name.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub enum CredId {
-    Key([u8; 32]),
-    User(Arc<str>),
-    ClientCert(Arc<str>),
-    Anonymous,
-}
-
-impl fmt::Debug for CredId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            // Never the digest itself in logs: the fingerprint's length is enough.
-            CredId::Key(d) => write!(f, "Key({})", &crate::auth::api_key::hex(d)[..12]),
-            CredId::User(u) => write!(f, "User({u})"),
-            CredId::ClientCert(c) => write!(f, "ClientCert({c})"),
-            CredId::Anonymous => f.write_str("Anonymous"),
-        }
-    }
-}
-
-impl CredId {
-    pub fn of(identity: &Identity) -> CredId {
-        match identity {
-            Identity::Key(k) => CredId::Key(*k.digest()),
-            Identity::User(u) => CredId::User(u.clone()),
-            Identity::ClientCert(c) => CredId::ClientCert(c.clone()),
-            Identity::Anonymous => CredId::Anonymous,
-        }
-    }
-}
+use crate::auth::CredId;
 
 /// The kinds of long-lived traffic, as the `kind` label of `portcullis_streams_active`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

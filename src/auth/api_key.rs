@@ -102,13 +102,7 @@ impl ApiKey {
     }
 }
 
-/// Why a presented key was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyRefusal {
-    Unknown,
-    Disabled,
-    Expired,
-}
+pub use crate::error::KeyRefusal;
 
 /// Every key of one keys file, by digest.
 #[derive(Debug, Clone, Default)]

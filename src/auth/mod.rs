@@ -1,19 +1,158 @@
-//! Authentication: find the credential a request carries and check it.
+//! Authentication: who a request is. [`Auth::authenticate`] refuses a banned client before
+//! looking at anything, then finds the one credential the request carries and checks it
+//! against the current [`Snapshot`] (API key, htpasswd user, client certificate); failures
+//! of presented credentials count toward a ban.
 //!
-//! Pure: no I/O, no shared state beyond the snapshot it is handed. Fails closed: anything that
-//! is not a well-formed credential for an enabled, unexpired key is a [`Reject`].
+//! No file I/O and no watcher: the reloader swaps the snapshot this reads. Fails closed:
+//! anything that is not a well-formed credential for an enabled, unexpired key or a verified
+//! user is a [`Reject`].
 
 pub mod api_key;
 pub mod basic;
 pub mod htpasswd;
 
+use std::fmt;
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
+use arc_swap::ArcSwap;
 use http::{header, HeaderMap, HeaderName};
 
+use crate::ban::Bans;
 use crate::error::Reject;
 use api_key::{ApiKey, KeySet};
+use basic::{BasicVerifier, Verdict};
+use htpasswd::Htpasswd;
+
+/// `[auth]`, validated, with the keys and htpasswd files it names loaded.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub keys_file: Option<std::path::PathBuf>,
+    /// The keys loaded from `keys_file` at validation time.
+    pub keys: KeySet,
+    pub htpasswd_file: Option<std::path::PathBuf>,
+    /// The users loaded from `htpasswd_file` at validation time.
+    pub htpasswd: Option<Arc<Htpasswd>>,
+    pub htpasswd_plaintext: bool,
+    /// How long a successful slow-hash verification is remembered.
+    pub htpasswd_cache_ttl: std::time::Duration,
+    /// Remembered verifications at most.
+    pub htpasswd_cache_entries: usize,
+    /// Lower-case header names that may carry an API key, in the order they are tried.
+    pub api_key_headers: Vec<http::HeaderName>,
+    pub realm: String,
+    pub identity_header: http::HeaderName,
+    pub public_paths: Vec<crate::authz::PathPattern>,
+    pub anonymous: bool,
+    /// With mTLS, a verified client certificate is a credential (its CN or first SAN).
+    pub client_cert_identity: bool,
+}
+
+/// The credentials in force: everything a request reads that a reload may replace, built
+/// whole before it is swapped in. A request loads one snapshot once and uses it to the end.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub keys: KeySet,
+    pub htpasswd: Option<Arc<Htpasswd>>,
+    /// 1 at start, one more for every swap.
+    pub generation: u64,
+}
+
+impl Snapshot {
+    pub fn from_config(config: &AuthConfig) -> Snapshot {
+        Snapshot {
+            keys: config.keys.clone(),
+            htpasswd: config.htpasswd.clone(),
+            generation: 1,
+        }
+    }
+}
+
+/// Authentication's long-lived state: the credentials in force (swapped by the reloader), the
+/// bans, and the Basic verification cache.
+pub struct Auth {
+    pub credentials: Arc<ArcSwap<Snapshot>>,
+    pub bans: Arc<Bans>,
+    pub basic: BasicVerifier,
+    api_key_headers: Vec<HeaderName>,
+    anonymous: bool,
+    client_cert_identity: bool,
+    realm: Arc<str>,
+}
+
+impl Auth {
+    pub fn new(config: &AuthConfig, bans: Arc<Bans>) -> Auth {
+        Auth {
+            credentials: Arc::new(ArcSwap::from_pointee(Snapshot::from_config(config))),
+            bans,
+            basic: BasicVerifier::new(config.htpasswd_cache_ttl, config.htpasswd_cache_entries),
+            api_key_headers: config.api_key_headers.clone(),
+            anonymous: config.anonymous,
+            client_cert_identity: config.client_cert_identity,
+            realm: config.realm.as_str().into(),
+        }
+    }
+
+    /// Who the request is. A banned client is refused before any credential is looked at
+    /// (no hash is computed for it); presented credentials that fail count toward a ban.
+    /// `client_cert`: the verified client certificate's identity (mTLS), if any.
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        client_cert: Option<&Arc<str>>,
+        client: IpAddr,
+    ) -> Result<Identity, Reject> {
+        let now = Instant::now();
+        if let Some(left) = self.bans.banned_for(client, now).await {
+            return Err(Reject::Banned {
+                retry_after: left.as_secs_f64().ceil() as u64,
+            });
+        }
+        let result = self.check(headers, client_cert, client, now).await;
+        if let Err(reject) = &result {
+            if reject.counts_toward_ban() {
+                self.bans.record_failure(client, now).await;
+            }
+        }
+        result
+    }
+
+    /// One dispatch by the credential presented.
+    async fn check(
+        &self,
+        headers: &HeaderMap,
+        client_cert: Option<&Arc<str>>,
+        client: IpAddr,
+        now: Instant,
+    ) -> Result<Identity, Reject> {
+        let snapshot = self.credentials.load();
+        let auth = Authenticator {
+            keys: &snapshot.keys,
+            api_key_headers: &self.api_key_headers,
+            anonymous: self.anonymous,
+            basic_realm: snapshot.htpasswd.as_ref().map(|_| &self.realm),
+        };
+        match auth.extract(headers)? {
+            None => match client_cert {
+                // The handshake verified the certificate against client_ca.
+                Some(name) if self.client_cert_identity => Ok(Identity::ClientCert(name.clone())),
+                _ => auth.without_credentials(),
+            },
+            Some(Credential::ApiKey(token)) => auth.check_key(token, SystemTime::now()),
+            Some(Credential::Basic { user, password }) => {
+                let Some(file) = &snapshot.htpasswd else {
+                    return Err(Reject::InvalidScheme);
+                };
+                match self.basic.verify(file, &user, &password, client, now).await {
+                    Verdict::Valid => Ok(Identity::User(user.into())),
+                    Verdict::Invalid => Err(Reject::BadPassword(self.realm.clone())),
+                    Verdict::Throttled => Err(Reject::RateLimited { retry_after: 1 }),
+                }
+            }
+        }
+    }
+}
 
 /// Who a request is, once authenticated.
 #[derive(Debug, Clone)]
@@ -51,6 +190,40 @@ impl Identity {
         match self {
             Identity::Key(k) => Some(&k.fingerprint),
             Identity::User(_) | Identity::ClientCert(_) | Identity::Anonymous => None,
+        }
+    }
+
+    /// What stays true of this identity across reloads: what its streams are registered
+    /// under and its rate limit is kept by.
+    pub fn id(&self) -> CredId {
+        match self {
+            Identity::Key(k) => CredId::Key(*k.digest()),
+            Identity::User(u) => CredId::User(u.clone()),
+            Identity::ClientCert(c) => CredId::ClientCert(c.clone()),
+            Identity::Anonymous => CredId::Anonymous,
+        }
+    }
+}
+
+/// An [`Identity`] without the key record: precise enough to revoke its streams and keep its
+/// rate limit. An API key by its digest (two keys may share a name during a rotation), an
+/// htpasswd user or a client certificate by name.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub enum CredId {
+    Key([u8; 32]),
+    User(Arc<str>),
+    ClientCert(Arc<str>),
+    Anonymous,
+}
+
+impl fmt::Debug for CredId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            // Never the digest itself in logs: the fingerprint's length is enough.
+            CredId::Key(d) => write!(f, "Key({})", &api_key::hex(d)[..12]),
+            CredId::User(u) => write!(f, "User({u})"),
+            CredId::ClientCert(c) => write!(f, "ClientCert({c})"),
+            CredId::Anonymous => f.write_str("Anonymous"),
         }
     }
 }

@@ -191,7 +191,7 @@ async fn a_repeated_login_is_served_from_the_cache() {
     let backend = Backend::ok().await;
     let hash = bcrypt::hash("s3cret", 6).unwrap();
     let proxy = with_htpasswd(&backend, &format!("cached:{hash}\n"), "", "").await;
-    let verifier = &proxy.inner().basic;
+    let verifier = &proxy.inner().auth.basic;
     let auth = basic_auth("cached", "s3cret");
     for _ in 0..5 {
         assert_eq!(
@@ -219,7 +219,7 @@ async fn repeated_failures_ban_the_client_before_any_hash_is_computed_and_the_ba
         "[ban]\nfailures = 3\nwindow = \"1m\"\nduration = \"2s\"",
     )
     .await;
-    let verifier = &proxy.inner().basic;
+    let verifier = &proxy.inner().auth.basic;
     let url = proxy.url("/");
     for i in 0..3 {
         let r = get(
@@ -298,7 +298,7 @@ async fn a_bcrypt_in_progress_does_not_delay_an_api_key_request() {
     };
     // Wait until the bcrypt verification has started.
     let started = eventually(Duration::from_secs(10), || {
-        (proxy.inner().basic.computed.load(Ordering::Relaxed) == 1).then_some(())
+        (proxy.inner().auth.basic.computed.load(Ordering::Relaxed) == 1).then_some(())
     })
     .await;
     assert!(started.is_some(), "the bcrypt verification never started");

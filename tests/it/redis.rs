@@ -150,7 +150,7 @@ async fn losing_redis_follows_the_failure_policy_and_limits_resume_when_it_retur
         assert_eq!(status(&allow).await, 200, "redis_failure = allow");
         assert_eq!(status(&deny).await, 429, "redis_failure = deny");
     }
-    let errors = match &allow.inner().rate {
+    let errors = match &*allow.inner().rate {
         portcullis::ratelimit::RateLimits::Shared { shared, .. } => shared
             .link
             .errors

@@ -413,7 +413,7 @@ async fn requests_with_an_unchanged_key_never_fail_while_the_file_is_rewritten()
     let (sent, failed) = load.finish().await;
     assert!(sent > 50, "the load loop barely ran");
     assert_eq!(failed, 0);
-    let generation = proxy.inner().snapshot.load().generation;
+    let generation = proxy.inner().auth.credentials.load().generation;
     assert!(generation >= 2, "no reload happened");
 }
 
@@ -452,7 +452,7 @@ async fn a_keys_file_of_ten_thousand_keys_is_swapped_without_a_failed_request() 
     let (sent, failed) = load.finish().await;
     assert!(sent > 10, "the load loop barely ran");
     assert_eq!(failed, 0);
-    assert_eq!(proxy.inner().snapshot.load().keys.len(), 10_000);
+    assert_eq!(proxy.inner().auth.credentials.load().keys.len(), 10_000);
 }
 
 #[tokio::test]

@@ -260,7 +260,7 @@ async fn a_mixed_soak_fails_no_valid_request_and_leaves_every_gauge_at_zero() {
         "unexpected results during the soak"
     );
     assert!(done.load(Ordering::Relaxed) > 100, "the soak barely ran");
-    let generation = proxy.inner().snapshot.load().generation;
+    let generation = proxy.inner().auth.credentials.load().generation;
     assert!(generation >= 2, "no reload happened during the soak");
     for kind in StreamKind::ALL {
         wait_streams(&proxy, kind, 0).await;

@@ -174,7 +174,7 @@ async fn revoking_a_credential_cuts_its_streams_and_the_backend_sees_it() {
     let streams = proxy.inner().streams.clone();
     let digest = portcullis::auth::api_key::digest(PROD_KEY.as_bytes());
     assert_eq!(
-        streams.revoke(|c| *c == portcullis::streams::CredId::Key(digest)),
+        streams.revoke(|c| *c == portcullis::auth::CredId::Key(digest)),
         1
     );
     // A cut stream is an error for the client, never a clean end.

@@ -295,7 +295,7 @@ async fn revoking_a_credential_closes_its_websockets_only() {
 
     let streams = proxy.inner().streams.clone();
     let prod_digest = portcullis::auth::api_key::digest(PROD_KEY.as_bytes());
-    let closed = streams.revoke(|c| *c == portcullis::streams::CredId::Key(prod_digest));
+    let closed = streams.revoke(|c| *c == portcullis::auth::CredId::Key(prod_digest));
     assert_eq!(closed, 1);
     until_closed(&mut prod).await;
     wait_streams(&proxy, StreamKind::WebSocket, 1).await;

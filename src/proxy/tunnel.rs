@@ -1,5 +1,5 @@
-//! Long-lived traffic: the byte tunnel behind a WebSocket upgrade, and the limits every
-//! stream lives under (idle timeout, maximum lifetime, revocation).
+//! Long-lived traffic: the WebSocket handshake in both HTTP versions, the byte tunnel behind
+//! it, and the limits every stream lives under (idle timeout, maximum lifetime, revocation).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -7,14 +7,91 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Sleep;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use crate::proxy::{Activity, ActivityIo};
+use crate::conn::{Activity, ActivityIo};
 use crate::streams::StreamGuard;
+
+/// How a client asks for a WebSocket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upgrade {
+    /// HTTP/1.1 `Connection: upgrade` + `Upgrade: websocket` (RFC 6455).
+    Http1,
+    /// HTTP/2 `CONNECT` with `:protocol = websocket` (RFC 8441).
+    ExtendedConnect,
+}
+
+pub fn websocket_upgrade<B>(req: &Request<B>) -> Option<Upgrade> {
+    if req.method() == Method::CONNECT {
+        let protocol = req.extensions().get::<hyper::ext::Protocol>()?;
+        return protocol
+            .as_str()
+            .eq_ignore_ascii_case("websocket")
+            .then_some(Upgrade::ExtendedConnect);
+    }
+    let h = req.headers();
+    let lists = |name: header::HeaderName, token: &str| {
+        h.get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    (req.version() == Version::HTTP_11
+        && lists(header::CONNECTION, "upgrade")
+        && lists(header::UPGRADE, "websocket"))
+    .then_some(Upgrade::Http1)
+}
+
+/// A fresh `Sec-WebSocket-Key`: 16 random bytes, base64.
+fn websocket_key() -> HeaderValue {
+    use base64::Engine;
+    let mut nonce = [0u8; 16];
+    getrandom::fill(&mut nonce).expect("the OS random source works");
+    let key = base64::engine::general_purpose::STANDARD.encode(nonce);
+    HeaderValue::from_str(&key).expect("base64 is a header value")
+}
+
+/// Turn the client's handshake into the HTTP/1.1 one the backend expects: `Connection:
+/// upgrade` and `Upgrade: websocket`, and for HTTP/2's extended CONNECT (RFC 8441 → RFC 6455) a
+/// GET with a fresh `Sec-WebSocket-Key`.
+pub fn to_http1_handshake(
+    how: Upgrade,
+    method: &mut Method,
+    extensions: &mut http::Extensions,
+    h: &mut http::HeaderMap,
+) {
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if how == Upgrade::ExtendedConnect {
+        *method = Method::GET;
+        extensions.remove::<hyper::ext::Protocol>();
+        h.insert(header::SEC_WEBSOCKET_KEY, websocket_key());
+        h.entry(header::SEC_WEBSOCKET_VERSION)
+            .or_insert(HeaderValue::from_static("13"));
+    }
+}
+
+/// The backend's 101 as the client's protocol accepts it: the HTTP/1.1 upgrade headers, or for
+/// HTTP/2 a 200 without `Sec-WebSocket-Accept`.
+pub fn to_client_handshake<B>(how: Upgrade, resp: &mut Response<B>) {
+    let h = resp.headers_mut();
+    match how {
+        Upgrade::Http1 => {
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        }
+        Upgrade::ExtendedConnect => {
+            h.remove(header::SEC_WEBSOCKET_ACCEPT);
+            *resp.status_mut() = StatusCode::OK;
+        }
+    }
+}
 
 /// Why a stream ended, as the access log's `outcome`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,391 @@
+//! Validation of `proxy.toml`, section by section: each `Raw*` shape becomes its validated
+//! type, and every mistake is recorded with its position instead of stopping at the first.
+//! The auth, headers, rate-limit and ban sections are in `policy.rs`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::Scheme;
+use http::Uri;
+use toml::Spanned;
+
+use crate::access_log::AccessLog;
+use crate::diag::{Diagnostic, Source};
+use crate::tls::TlsConfig;
+
+use super::raw::*;
+use super::*;
+
+pub(super) struct Validator<'a> {
+    pub(super) src: &'a Source<'a>,
+    pub(super) dir: PathBuf,
+    pub(super) errors: Vec<Diagnostic>,
+    pub(super) warnings: Vec<String>,
+}
+
+impl Validator<'_> {
+    pub(super) fn err<T>(&mut self, at: &Spanned<T>, message: impl Into<String>) {
+        let d = self.src.at(at.span().start, message);
+        self.errors.push(d);
+    }
+
+    pub(super) fn err_top(&mut self, message: impl Into<String>) {
+        let d = self.src.at(0, message);
+        self.errors.push(d);
+    }
+
+    pub(super) fn addr(&mut self, v: &S<String>, key: &str, default: &str) -> SocketAddr {
+        let fallback: SocketAddr = default.parse().expect("default address parses");
+        let Some(v) = v else { return fallback };
+        match v.get_ref().parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                self.err(
+                    v,
+                    format!(
+                        "{key} = \"{}\" is not an address; write IP:port, e.g. \"{default}\" or \"[::]:8443\"",
+                        v.get_ref()
+                    ),
+                );
+                fallback
+            }
+        }
+    }
+
+    pub(super) fn duration(&mut self, v: &S<String>, key: &str, default: Duration) -> Duration {
+        let Some(v) = v else { return default };
+        match humantime::parse_duration(v.get_ref().trim()) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.err(v, format!("{key} must be longer than zero"));
+                default
+            }
+            Err(_) => {
+                self.err(
+                    v,
+                    format!(
+                        "{key} = \"{}\" is not a duration; write e.g. \"500ms\", \"10s\", \"2m\", \"1h\"",
+                        v.get_ref()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    pub(super) fn size(&mut self, v: &S<String>, key: &str, default: u64) -> u64 {
+        let Some(v) = v else { return default };
+        match parse_size(v.get_ref()) {
+            Some(n) if n > 0 => n,
+            _ => {
+                self.err(
+                    v,
+                    format!(
+                        "{key} = \"{}\" is not a size; write e.g. \"32KiB\", \"64MiB\", \"1GiB\"",
+                        v.get_ref()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    pub(super) fn path(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.dir.join(p)
+        }
+    }
+
+    pub(super) fn config(&mut self, raw: RawConfig) -> Option<Config> {
+        let server = self.server(raw.server.unwrap_or_default());
+        let tls = raw.tls.and_then(|t| self.tls(t));
+        let upstream = match raw.upstream {
+            Some(u) => self.upstream(u),
+            None => {
+                self.err_top("missing [upstream] section; add [upstream] with url = \"http://127.0.0.1:PORT\"");
+                None
+            }
+        };
+        let auth = self.auth(raw.auth, tls.as_ref());
+        let ban = self.ban(raw.ban.unwrap_or_default());
+        let rate_limit = self.rate_limit(raw.rate_limit.unwrap_or_default());
+        let headers = self.headers(raw.headers.unwrap_or_default());
+        let log = self.log(raw.log.unwrap_or_default());
+        Some(Config {
+            path: self.src.path.to_path_buf(),
+            server,
+            tls,
+            upstream: upstream?,
+            auth: auth?,
+            ban,
+            rate_limit,
+            headers,
+            log,
+            warnings: std::mem::take(&mut self.warnings),
+        })
+    }
+
+    pub(super) fn server(&mut self, r: RawServer) -> ServerConfig {
+        let max_connections = match &r.max_connections {
+            None => 10_000,
+            Some(v) if (1..=1_000_000).contains(v.get_ref()) => *v.get_ref() as usize,
+            Some(v) => {
+                self.err(v, "max_connections must be between 1 and 1000000");
+                10_000
+            }
+        };
+        let max_header_bytes = self.size(&r.max_header_bytes, "max_header_bytes", 32 * 1024);
+        if let Some(v) = &r.max_header_bytes {
+            if !(1024..=16 * 1024 * 1024).contains(&max_header_bytes) {
+                self.err(v, "max_header_bytes must be between 1KiB and 16MiB");
+            }
+        }
+        ServerConfig {
+            listen: self.addr(&r.listen, "listen", "0.0.0.0:8443"),
+            admin_listen: self.addr(&r.admin_listen, "admin_listen", "127.0.0.1:9901"),
+            max_connections,
+            header_read_timeout: self.duration(
+                &r.header_read_timeout,
+                "header_read_timeout",
+                Duration::from_secs(10),
+            ),
+            max_header_bytes: max_header_bytes as usize,
+            idle_timeout: self.duration(&r.idle_timeout, "idle_timeout", Duration::from_secs(120)),
+            max_body_bytes: self.size(&r.max_body_bytes, "max_body_bytes", 64 * 1024 * 1024),
+            shutdown_grace: self.duration(
+                &r.shutdown_grace,
+                "shutdown_grace",
+                Duration::from_secs(30),
+            ),
+            stream_idle_timeout: self.duration(
+                &r.stream_idle_timeout,
+                "stream_idle_timeout",
+                Duration::from_secs(600),
+            ),
+            max_stream_lifetime: r.max_stream_lifetime.as_ref().map(|_| {
+                self.duration(&r.max_stream_lifetime, "max_stream_lifetime", Duration::MAX)
+            }),
+            max_connections_per_ip: match &r.max_connections_per_ip {
+                None => 64,
+                Some(v) if (1..=1_000_000).contains(v.get_ref()) => *v.get_ref() as u32,
+                Some(v) => {
+                    self.err(v, "max_connections_per_ip must be between 1 and 1000000");
+                    64
+                }
+            },
+            net: crate::netpolicy::NetPolicy {
+                allow: self.cidrs(&r.allow_cidrs, "allow_cidrs"),
+                trusted: self.cidrs(&r.trusted_proxies, "trusted_proxies"),
+            },
+            redirect_http: r
+                .redirect_http
+                .as_ref()
+                .map(|_| self.addr(&r.redirect_http, "redirect_http", "0.0.0.0:8080")),
+        }
+    }
+
+    pub(super) fn tls(&mut self, t: Spanned<RawTls>) -> Option<Tls> {
+        let r = t.get_ref();
+        let (Some(cert), Some(key)) = (&r.cert, &r.key) else {
+            self.err(
+                &t,
+                "[tls] needs cert = \"tls.crt\" and key = \"tls.key\" (PEM files)",
+            );
+            return None;
+        };
+        let files = TlsConfig {
+            cert: self.path(cert.get_ref()),
+            key: self.path(key.get_ref()),
+            client_ca: r.client_ca.as_ref().map(|c| self.path(c.get_ref())),
+            client_auth: r.client_auth.unwrap_or_default(),
+        };
+        if r.client_auth.is_some() && r.client_ca.is_none() {
+            self.err(
+                &t,
+                "client_auth needs client_ca = \"ca.crt\" (the CA that signs client certificates)",
+            );
+        }
+        if let (Some(path), Some(raw)) = (&files.client_ca, &r.client_ca) {
+            if let Err(e) = crate::tls::load_client_roots(path) {
+                self.err(raw, e);
+            }
+        }
+        match crate::tls::load_cert(&files.cert, &files.key) {
+            Ok(loaded) => {
+                if let Some(w) =
+                    crate::tls::expiry_warning(&loaded, &files.cert, std::time::SystemTime::now())
+                {
+                    self.warnings.push(w);
+                }
+                Some(Tls {
+                    files,
+                    cert: loaded,
+                })
+            }
+            Err(e) => {
+                self.err(cert, e);
+                None
+            }
+        }
+    }
+
+    pub(super) fn upstream(&mut self, u: Spanned<RawUpstream>) -> Option<UpstreamConfig> {
+        let connect_timeout = self.duration(
+            &u.get_ref().connect_timeout,
+            "connect_timeout",
+            Duration::from_secs(5),
+        );
+        let response_timeout = self.duration(
+            &u.get_ref().response_timeout,
+            "response_timeout",
+            Duration::from_secs(60),
+        );
+        let r = u.get_ref();
+        let Some(url) = &r.url else {
+            self.err(
+                &u,
+                "[upstream] needs url = \"http://HOST:PORT\" (the backend to protect)",
+            );
+            return None;
+        };
+        let parsed = match url.get_ref().parse::<Uri>() {
+            Ok(p) => p,
+            Err(e) => {
+                self.err(
+                    url,
+                    format!("url = \"{}\" is not a URL: {e}", url.get_ref()),
+                );
+                return None;
+            }
+        };
+        let scheme = match parsed.scheme() {
+            Some(s) if *s == Scheme::HTTP || *s == Scheme::HTTPS => s.clone(),
+            _ => {
+                self.err(
+                    url,
+                    format!(
+                        "url = \"{}\": the upstream must be http://HOST:PORT or https://HOST:PORT",
+                        url.get_ref()
+                    ),
+                );
+                return None;
+            }
+        };
+        let ca = r.ca.as_ref().map(|c| (self.path(c.get_ref()), c));
+        let tls_roots = if scheme == Scheme::HTTPS {
+            match crate::tls::upstream_roots(ca.as_ref().map(|(p, _)| p.as_path())) {
+                Ok(roots) => Some(Arc::new(roots)),
+                Err(e) => {
+                    match &ca {
+                        Some((_, raw)) => self.err(raw, e),
+                        None => self.err(url, e),
+                    }
+                    return None;
+                }
+            }
+        } else {
+            if let Some((_, raw)) = &ca {
+                self.err(
+                    raw,
+                    "ca is only used for an https:// upstream; remove it or change url to https://",
+                );
+            }
+            None
+        };
+        let Some(authority) = parsed.authority().cloned() else {
+            self.err(url, "url needs a host, e.g. \"http://127.0.0.1:4298\"");
+            return None;
+        };
+        if authority.as_str().contains('@') {
+            self.err(url, "url must not carry user:password@; the backend sees no credentials unless pass_credentials = true");
+            return None;
+        }
+        if parsed.query().is_some() {
+            self.err(url, "url must not have a query string");
+            return None;
+        }
+        let base_path = parsed.path().trim_end_matches('/').to_string();
+        Some(UpstreamConfig {
+            scheme,
+            ca: ca.map(|(p, _)| p),
+            tls_roots,
+            authority,
+            base_path,
+            url: parsed,
+            connect_timeout,
+            response_timeout,
+            pass_credentials: r.pass_credentials.unwrap_or(false),
+            protocol: r.protocol.unwrap_or_default(),
+            host_header: r.host_header.unwrap_or_default(),
+        })
+    }
+
+    pub(super) fn header_name(
+        &mut self,
+        v: &Spanned<String>,
+        key: &str,
+    ) -> Option<http::HeaderName> {
+        match http::HeaderName::from_bytes(v.get_ref().trim().as_bytes()) {
+            Ok(h) => Some(h),
+            Err(_) => {
+                self.err(
+                    v,
+                    format!("{key}: \"{}\" is not a valid header name", v.get_ref()),
+                );
+                None
+            }
+        }
+    }
+
+    pub(super) fn cidrs(
+        &mut self,
+        list: &Option<Vec<Spanned<String>>>,
+        key: &str,
+    ) -> Vec<ipnet::IpNet> {
+        let mut out = Vec::new();
+        for v in list.iter().flatten() {
+            let text = v.get_ref().trim();
+            // A bare address is a /32 or /128.
+            let parsed = text
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            match parsed {
+                Ok(net) => out.push(net.trunc()),
+                Err(_) => self.err(
+                    v,
+                    format!("{key}: \"{text}\" is not a CIDR; write e.g. \"10.0.0.0/8\", \"fd00::/8\" or an address"),
+                ),
+            }
+        }
+        out
+    }
+
+    pub(super) fn log(&mut self, l: RawLog) -> LogConfig {
+        let access_log = match &l.access_log {
+            None => AccessLog::Stdout,
+            Some(v) => match v.get_ref().as_str() {
+                "stdout" | "-" => AccessLog::Stdout,
+                "off" => AccessLog::Off,
+                "" => {
+                    self.err(
+                        v,
+                        "access_log is empty; write \"stdout\", \"off\" or a file path",
+                    );
+                    AccessLog::Stdout
+                }
+                p => AccessLog::File(self.path(p)),
+            },
+        };
+        LogConfig {
+            level: l.level.unwrap_or_default(),
+            format: l.format.unwrap_or_default(),
+            access_log,
+            access_format: l.access_format.unwrap_or_default(),
+        }
+    }
+}

@@ -1,0 +1,405 @@
+//! The per-request pipeline (DESIGN.md, "request pipeline"), as named stages in order:
+//!
+//! [`Proxy::admit`] (method, framing, path, network, body size) → [`Auth::authenticate`] (bans,
+//! then the credential) → [`Proxy::authorize`] (the key's `allow` rules) →
+//! [`Proxy::rate_limit`] → [`Proxy::rewrite`] (headers for the backend) → [`Upstream::send`]
+//! (streaming) → [`Proxy::accept_upgrade`] → response headers, in [`Proxy::handle`].
+//!
+//! Every refusal is a [`Reject`]; the access log line is written when the response body is
+//! finished (or the client goes away). Each stage fails closed: whatever it cannot decide is
+//! refused.
+
+mod exchange;
+pub mod tunnel;
+pub mod upstream;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{header, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body::Body;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+
+use crate::access_log::AccessLogger;
+use crate::auth::{Auth, CredId, Identity};
+use crate::config::{Config, HostHeader, UpstreamProtocol};
+use crate::conn::ConnInfo;
+use crate::error::Reject;
+use crate::headers::{self, RequestIds, X_REQUEST_ID};
+use crate::metrics::Metrics;
+use crate::ratelimit::{RateLimits, Subject};
+use crate::streams::{StreamKind, Streams};
+pub use exchange::{Exchange, LoggedBody};
+use tunnel::{Limits, Upgrade, Watch};
+use upstream::{ClientBody, Upstream};
+
+/// What the proxy sends back: the backend's body, or one of its own.
+pub type ResponseBody = LoggedBody;
+
+pub struct Proxy {
+    pub config: Arc<Config>,
+    /// Who the client is: credentials, bans, the Basic verification cache.
+    pub auth: Arc<Auth>,
+    upstream: Upstream,
+    pub(crate) access: AccessLogger,
+    ids: RequestIds,
+    /// What a request loses on its way to the backend: what a client could spoof, and its
+    /// credentials unless `pass_credentials`.
+    request_strip: Vec<HeaderName>,
+    proto: &'static str,
+    /// The public listener terminates TLS.
+    tls: bool,
+    /// Live WebSocket tunnels and streaming responses, by credential.
+    pub streams: Arc<Streams>,
+    /// Per-client rate limits.
+    pub rate: Arc<RateLimits>,
+    /// The event metrics (the registry adds state read at scrape time).
+    pub metrics: Arc<Metrics>,
+    limits: Limits,
+}
+
+/// A request past [`Proxy::admit`]: its normalised path, and its WebSocket handshake if any.
+struct Admitted {
+    path: String,
+    upgrade: Option<(Upgrade, OnUpgrade)>,
+}
+
+impl Proxy {
+    pub fn new(
+        config: Arc<Config>,
+        access: AccessLogger,
+        auth: Arc<Auth>,
+        streams: Arc<Streams>,
+        rate: Arc<RateLimits>,
+    ) -> Proxy {
+        let mut request_strip = headers::spoofable(&config.auth.identity_header).to_vec();
+        if !config.upstream.pass_credentials {
+            request_strip.extend(config.auth.api_key_headers.iter().cloned());
+            request_strip.push(header::AUTHORIZATION);
+        }
+        Proxy {
+            request_strip,
+            upstream: Upstream::new(&config.upstream),
+            auth,
+            access,
+            ids: RequestIds::new(),
+            proto: if config.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            },
+            tls: config.tls.is_some(),
+            streams,
+            rate,
+            metrics: Arc::default(),
+            limits: Limits {
+                idle: config.server.stream_idle_timeout,
+                lifetime: config.server.max_stream_lifetime,
+            },
+            config,
+        }
+    }
+
+    /// Serve one request. Never fails: refusals are responses.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: Arc<ConnInfo>,
+    ) -> Result<Response<ResponseBody>, Infallible> {
+        let mut ex = Exchange::start(&self, &req, &conn);
+        let result = self.forward(req, &conn, &mut ex).await;
+        let mut watch = None;
+        let mut resp = match result {
+            Ok(resp) => {
+                ex.record.outcome = "ok";
+                if ex.tunnel.is_none() {
+                    if let Some(kind) = stream_kind(&resp) {
+                        let cred = ex.cred.clone().unwrap_or(CredId::Anonymous);
+                        watch = Some(Watch::new(self.streams.register(cred, kind), self.limits));
+                    }
+                }
+                resp.map(Either::Left)
+            }
+            Err(reject) => {
+                ex.record.outcome = reject.outcome();
+                if let Some(reason) = reject.auth_reason() {
+                    tracing::debug!(client = %ex.record.client, reason, request_id = %ex.record.request_id, "authentication failed");
+                }
+                self.metrics.refused(&reject);
+                let mut resp: Response<Full<Bytes>> = if ex.grpc {
+                    reject.grpc_response()
+                } else {
+                    reject.response()
+                };
+                if ex.unread_body && ex.record.protocol.starts_with("HTTP/1") {
+                    // Do not try to read what is left of a refused body: close instead.
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                resp.map(Either::Right)
+            }
+        };
+        resp.headers_mut()
+            .insert(X_REQUEST_ID.clone(), ex.record.request_id.value().clone());
+        if let Some(decision) = &ex.rate {
+            for (name, value) in decision.headers() {
+                resp.headers_mut().insert(name.clone(), value);
+            }
+        }
+        headers::secure_response(resp.headers_mut(), &self.config.headers, self.tls);
+        ex.record.status = resp.status().as_u16();
+        if let Some((client, upstream)) = ex.tunnel.take() {
+            // The access log line is written when the tunnel ends, with what it moved.
+            let cred = ex.cred.clone().unwrap_or(CredId::Anonymous);
+            let guard = self.streams.register(cred, StreamKind::WebSocket);
+            let (limits, force) = (self.limits, self.streams.force.clone());
+            self.streams.tracker.spawn(async move {
+                let (end, moved) = tunnel::run(client, upstream, guard, limits, force).await;
+                ex.record.bytes = moved.down;
+                ex.record.outcome = end.outcome();
+                drop(ex);
+                drop(conn);
+            });
+            return Ok(resp.map(|inner| LoggedBody {
+                inner,
+                ex: None,
+                watch: None,
+                idle_limit: self.limits.idle,
+            }));
+        }
+        Ok(resp.map(|inner| LoggedBody {
+            inner,
+            ex: Some(ex),
+            watch,
+            idle_limit: self.limits.idle,
+        }))
+    }
+
+    /// The stages, in order; the first refusal ends the request.
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        conn: &ConnInfo,
+        ex: &mut Exchange,
+    ) -> Result<Response<Incoming>, Reject> {
+        let admitted = self.admit(&mut req, ex)?;
+        let (mut parts, body) = req.into_parts();
+        let public = self
+            .config
+            .auth
+            .public_paths
+            .iter()
+            .any(|p| p.matches(&admitted.path));
+        let identity = if public {
+            Identity::Anonymous
+        } else {
+            self.auth
+                .authenticate(&parts.headers, conn.client_cert.as_ref(), ex.client)
+                .await?
+        };
+        ex.record.identity = Some(identity.clone());
+        ex.cred = Some(identity.id());
+        Proxy::authorize(&identity, &parts.method, &admitted.path)?;
+        self.rate_limit(&identity, ex).await?;
+        let how = admitted.upgrade.as_ref().map(|(how, _)| *how);
+        self.rewrite(&mut parts, &admitted.path, &identity, how, conn, ex)?;
+        let body = ClientBody::new(body, self.config.server.max_body_bytes);
+        ex.unread_body = false;
+        let resp = self
+            .upstream
+            .send(
+                Request::from_parts(parts, body),
+                &self.metrics,
+                &ex.record.request_id,
+            )
+            .await?;
+        self.accept_upgrade(resp, admitted.upgrade, ex)
+    }
+
+    /// What is refused before anyone is asked who the client is: CONNECT other than
+    /// WebSocket's, framing that intermediaries disagree about, a path that is ambiguous once
+    /// decoded, a network outside `allow_cidrs`, a declared body over `max_body_bytes`.
+    fn admit(&self, req: &mut Request<Incoming>, ex: &mut Exchange) -> Result<Admitted, Reject> {
+        let how = tunnel::websocket_upgrade(req);
+        if how.is_none() && req.method() == Method::CONNECT {
+            // Only WebSocket's extended CONNECT (RFC 8441); a proxy tunnel is never opened.
+            return Err(Reject::BadRequest);
+        }
+        // Taken before the request is split (hyper keeps the upgrade in its extensions).
+        let upgrade = how.map(|how| (how, hyper::upgrade::on(&mut *req)));
+        let h = req.headers();
+        if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+            return Err(Reject::BadRequest);
+        }
+        let path = crate::path::normalize(req.uri().path()).map_err(|_| Reject::BadRequest)?;
+        ex.record.path.clone_from(&path);
+        if !self.config.server.net.allows(ex.client) {
+            return Err(Reject::ForbiddenNetwork);
+        }
+        let declared_len = match h.get(header::CONTENT_LENGTH) {
+            None => None,
+            Some(v) => Some(
+                v.to_str()
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .ok_or(Reject::BadRequest)?,
+            ),
+        };
+        if declared_len.is_some_and(|n| n > self.config.server.max_body_bytes) {
+            return Err(Reject::PayloadTooLarge);
+        }
+        Ok(Admitted { path, upgrade })
+    }
+
+    /// A key's `allow` rules must cover the method and the normalised path; other identities
+    /// have no rules. Fails closed: a key with rules that match nothing is refused.
+    fn authorize(identity: &Identity, method: &Method, path: &str) -> Result<(), Reject> {
+        if let Identity::Key(key) = identity {
+            key.stats.used(SystemTime::now());
+            if !crate::authz::is_allowed(key.allow.as_deref(), method, path) {
+                return Err(Reject::Forbidden);
+            }
+        }
+        Ok(())
+    }
+
+    /// The client's budget: by identity when authenticated, else by address; a key's own
+    /// quota overrides `[rate_limit]`. The verdict is kept for the `RateLimit` headers.
+    async fn rate_limit(&self, identity: &Identity, ex: &mut Exchange) -> Result<(), Reject> {
+        let (per_second, burst) = match identity {
+            Identity::Key(k) => (k.requests_per_second, k.burst),
+            Identity::User(_) | Identity::ClientCert(_) | Identity::Anonymous => (None, None),
+        };
+        let subject = Subject::of(ex.cred.as_ref(), ex.client);
+        if let Some(decision) = self.rate.check(&subject, per_second, burst).await {
+            ex.rate = Some(decision);
+            if !decision.allowed {
+                return Err(Reject::RateLimited {
+                    retry_after: decision.retry_after,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The request as the backend gets it (DESIGN.md §5): hop-by-hop and spoofable headers
+    /// and credentials removed, forwarding headers, identity, request id and Host set, the
+    /// URI made absolute on the upstream, the version the upstream speaks.
+    fn rewrite(
+        &self,
+        parts: &mut Parts,
+        path: &str,
+        identity: &Identity,
+        upgrade: Option<Upgrade>,
+        conn: &ConnInfo,
+        ex: &Exchange,
+    ) -> Result<(), Reject> {
+        let up = &self.upstream.config;
+        let client_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        let h = &mut parts.headers;
+        // gRPC over h2c needs `TE: trailers`, the one TE value that may cross an HTTP/2 hop.
+        let keep_te_trailers =
+            up.protocol == UpstreamProtocol::Http2 && headers::te_has_trailers(h);
+        headers::strip_hop_by_hop(h);
+        if keep_te_trailers {
+            h.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+        if let Some(how) = upgrade {
+            if up.protocol == UpstreamProtocol::Http2 {
+                return Err(Reject::UpgradeUnsupported);
+            }
+            tunnel::to_http1_handshake(how, &mut parts.method, &mut parts.extensions, h);
+        }
+        let forwarded_chain = self.config.server.net.incoming_chain(conn.peer.ip(), h);
+        headers::remove_all(h, &self.request_strip);
+        headers::set_forwarded(
+            h,
+            &headers::Forwarded {
+                client_ip: ex.client,
+                peer: crate::netpolicy::canonical(conn.peer.ip()),
+                peer_value: &conn.peer_value,
+                chain: forwarded_chain.as_deref(),
+                proto: self.proto,
+                client_host: client_host.as_ref(),
+            },
+        );
+        if let Some(v) = identity.header_value() {
+            h.insert(self.config.auth.identity_header.clone(), v);
+        }
+        h.insert(X_REQUEST_ID.clone(), ex.record.request_id.value().clone());
+        match up.host_header {
+            HostHeader::Upstream => {
+                h.insert(header::HOST, self.upstream.host.clone());
+            }
+            HostHeader::Preserve => {
+                if let Some(host) = client_host {
+                    h.insert(header::HOST, host);
+                }
+            }
+        }
+        parts.uri = self.upstream.uri(path, parts.uri.query())?;
+        parts.version = match up.protocol {
+            UpstreamProtocol::Http1 => Version::HTTP_11,
+            UpstreamProtocol::Http2 => Version::HTTP_2,
+        };
+        Ok(())
+    }
+
+    /// The backend's answer: hop-by-hop headers removed; a 101 to an upgrade the client asked
+    /// for becomes the client's tunnel (a 200 for HTTP/2's extended CONNECT); a 101 nobody
+    /// asked for is the backend's protocol error.
+    fn accept_upgrade(
+        &self,
+        mut resp: Response<Incoming>,
+        upgrade: Option<(Upgrade, OnUpgrade)>,
+        ex: &mut Exchange,
+    ) -> Result<Response<Incoming>, Reject> {
+        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        headers::strip_hop_by_hop(resp.headers_mut());
+        match upgrade {
+            Some((how, client)) if switching => {
+                let upstream = hyper::upgrade::on(&mut resp);
+                tunnel::to_client_handshake(how, &mut resp);
+                ex.tunnel = Some((client, upstream));
+            }
+            _ if switching => {
+                self.metrics.upstream_error("protocol");
+                tracing::warn!(request_id = %ex.record.request_id, "upstream switched protocols without being asked to");
+                return Err(Reject::UpstreamUnavailable);
+            }
+            _ => {}
+        }
+        Ok(resp)
+    }
+}
+
+/// Whether a response is a stream to register: SSE, or any body of unknown length.
+fn stream_kind(resp: &Response<Incoming>) -> Option<StreamKind> {
+    let sse = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .get(..17)
+                .is_some_and(|t| t.eq_ignore_ascii_case("text/event-stream"))
+        });
+    let body = resp.body();
+    if sse {
+        Some(StreamKind::Sse)
+    } else if !body.is_end_stream() && body.size_hint().exact().is_none() {
+        Some(StreamKind::Stream)
+    } else {
+        None
+    }
+}

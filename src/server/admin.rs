@@ -1,0 +1,177 @@
+//! The admin listener (loopback): `/healthz`, `/readyz`, `/keys`, `/metrics` (DESIGN.md §7).
+//! Never on the public listener.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use tokio::net::TcpStream;
+
+use crate::auth::Snapshot;
+use crate::config::Config;
+use crate::reload::Reloader;
+use crate::streams::{StreamKind, Streams};
+use crate::tls::CertResolver;
+
+/// What the admin listener serves from: explicit handles, each owned elsewhere.
+pub struct Admin {
+    pub config: Arc<Config>,
+    pub credentials: Arc<ArcSwap<Snapshot>>,
+    pub reloader: Arc<Reloader>,
+    pub streams: Arc<Streams>,
+    pub tls: Option<Arc<CertResolver>>,
+    pub registry: prometheus_client::registry::Registry,
+}
+
+/// `/healthz`: the process answers. `/readyz`: credentials are loaded and the backend accepts
+/// TCP connections; 503 with the same JSON detail otherwise.
+pub async fn handle(
+    admin: Arc<Admin>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(text_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "method not allowed\n".into(),
+        ));
+    }
+    Ok(match req.uri().path() {
+        "/healthz" => text_response(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" => readiness(&admin).await,
+        "/metrics" => {
+            let mut body = String::new();
+            match prometheus_client::encoding::text::encode(&mut body, &admin.registry) {
+                Ok(()) => text_response(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    body,
+                ),
+                Err(_) => text_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    "metrics could not be encoded\n".into(),
+                ),
+            }
+        }
+        "/keys" => keys_report(&admin.credentials.load()),
+        _ => text_response(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    })
+}
+
+/// `/keys`: every key's name, fingerprint, state and use; never the key. What a rotation
+/// runbook watches: the old key's requests stop growing once every client has moved.
+fn keys_report(snapshot: &Snapshot) -> Response<Full<Bytes>> {
+    let now = std::time::SystemTime::now();
+    let mut keys: Vec<_> = snapshot.keys.keys().collect();
+    keys.sort_by(|a, b| a.name.cmp(&b.name).then(a.fingerprint.cmp(&b.fingerprint)));
+    let rows: Vec<serde_json::Value> = keys
+        .iter()
+        .map(|k| {
+            let (requests, last_used) = k.stats.snapshot();
+            serde_json::json!({
+                "name": k.name,
+                "fingerprint": k.fingerprint,
+                "enabled": k.enabled,
+                "usable": k.usable(now),
+                "expires": k.expires.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                "requests": requests,
+                "last_used": last_used.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                "rate_limit": {
+                    "requests_per_second": k.requests_per_second,
+                    "burst": k.burst,
+                },
+            })
+        })
+        .collect();
+    let body = serde_json::json!({ "generation": snapshot.generation, "keys": rows });
+    text_response(StatusCode::OK, "application/json", format!("{body:#}\n"))
+}
+
+async fn readiness(admin: &Admin) -> Response<Full<Bytes>> {
+    let cfg = &admin.config;
+    let snapshot = admin.credentials.load();
+    let keys_loaded = snapshot.keys.enabled_count();
+    let users_loaded = snapshot.htpasswd.as_ref().map_or(0, |h| h.len());
+    let credentials_ok = cfg.auth.anonymous || keys_loaded > 0 || users_loaded > 0;
+    let authority = &cfg.upstream.authority;
+    let default_port = if cfg.upstream.scheme == http::uri::Scheme::HTTPS {
+        443
+    } else {
+        80
+    };
+    let port = authority.port_u16().unwrap_or(default_port);
+    let upstream_ok = matches!(
+        tokio::time::timeout(
+            Duration::from_secs(1).min(cfg.upstream.connect_timeout),
+            TcpStream::connect((authority.host().trim_matches(['[', ']']), port)),
+        )
+        .await,
+        Ok(Ok(_))
+    );
+    let ready = credentials_ok && upstream_ok;
+    let body = serde_json::json!({
+        "ready": ready,
+        "credentials": {
+            "ok": credentials_ok,
+            "anonymous": cfg.auth.anonymous,
+            "generation": snapshot.generation,
+            "keys": {
+                "file": cfg.auth.keys_file.as_ref().map(|p| p.display().to_string()),
+                "loaded": snapshot.keys.len(),
+                "enabled": keys_loaded,
+                "reload": Reloader::status(&admin.reloader.keys),
+            },
+            "htpasswd": {
+                "file": cfg.auth.htpasswd_file.as_ref().map(|p| p.display().to_string()),
+                "users": users_loaded,
+                "reload": Reloader::status(&admin.reloader.htpasswd),
+            },
+        },
+        "streams": {
+            "websocket": admin.streams.active(StreamKind::WebSocket),
+            "sse": admin.streams.active(StreamKind::Sse),
+            "stream": admin.streams.active(StreamKind::Stream),
+            "revoked_total": admin.streams.revoked_total(),
+        },
+        "upstream": { "url": cfg.upstream.url.to_string(), "reachable": upstream_ok },
+        "tls": admin.tls.as_ref().map(|t| {
+            let cert = t.current();
+            let not_after = humantime::format_rfc3339_seconds(cert.not_after).to_string();
+            let left = cert
+                .not_after
+                .duration_since(std::time::SystemTime::now())
+                .map_or(0, |d| d.as_secs());
+            serde_json::json!({
+                "subject": cert.subject,
+                "not_after": not_after,
+                "expires_in_seconds": left,
+                "reloads_ok": t.reloads_ok.load(std::sync::atomic::Ordering::Relaxed),
+                "reloads_failed": t.reloads_failed.load(std::sync::atomic::Ordering::Relaxed),
+            })
+        }),
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    text_response(status, "application/json", format!("{body}\n"))
+}
+
+/// A plain response from portcullis itself (admin endpoints, the redirect, the demo).
+pub fn text_response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: String,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
