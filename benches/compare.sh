@@ -36,7 +36,7 @@
 #                    and the echo backend are benches/wsload.rs, built as an example); nginx:
 #                    the same `map` check and `proxy_set_header Upgrade/Connection`
 #
-# Layout (see BENCHMARKING notes in the README): the proxy under test alone on core 0
+# Layout (see docs/benchmarks.md): the proxy under test alone on core 0
 # (taskset -c 0; nginx worker_processes 1; portcullis then sees one CPU), the backend (nginx,
 # one worker, `return 200`) and wrk -t1 on core 1. Each round runs direct, nginx, portcullis one
 # after another; the table reports medians over ROUNDS rounds of DURATION each at CONNS
@@ -89,6 +89,7 @@ work=$(mktemp -d)
 chmod 755 "$work"   # nginx workers run as an unprivileged user and must read the htpasswd file
 pids=()
 cleanup() {
+  [ -n "${KEEP_WORK:-}" ] && { cp -r "$work" /tmp/compare-work 2>/dev/null || true; }
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$work"
@@ -358,12 +359,14 @@ EOF
         [ "$1" = 1 ] && { kill "$swapper"; wait "$swapper" 2>/dev/null || true; }
         if grep -q "Non-2xx\|Socket errors" <<<"$out"; then echo "$out" >&2; exit 1; fi
         sleep 0.5   # the last swap's log line
-        echo "$(awk '$1=="Latency" {print $4}' <<<"$out" | to_us) $(awk '$1=="99%" {print $2}' <<<"$out" | to_us)" \
+        echo "$(awk '$1=="Latency" {print $4; exit}' <<<"$out" | to_us) $(awk '$1=="99%" {print $2}' <<<"$out" | to_us)" \
           "$(awk '/requests in/ {print $1}' <<<"$out")" \
           "$(( $(grep -c '"keys reloaded"' "$work/processes.log" || true) - before ))"
       }
-      read -r q_max q_p99 q_n _ < <(max_latency 0)
-      read -r s_max s_p99 s_n s_reloads < <(max_latency 1)
+      max_latency 0 > "$dir/quiet"
+      max_latency 1 > "$dir/swaps"
+      read -r q_max q_p99 q_n _ < "$dir/quiet"
+      read -r s_max s_p99 s_n s_reloads < "$dir/swaps"
       taken=$(grep '"keys reloaded"' "$work/processes.log" | tail -n "$s_reloads" | grep -o '"duration_ms":[0-9]*' | cut -d: -f2 | sort -n | tail -1)
       printf '%-14s worst request: %s µs during %s reloads (p99 %s µs, %s requests, every one 200); without reloads %s µs (p99 %s µs); slowest reload %s ms\n' \
         "$s" "$s_max" "$s_reloads" "$s_p99" "$s_n" "$q_max" "$q_p99" "${taken:-?}"

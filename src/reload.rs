@@ -7,9 +7,9 @@
 //! `..data` counts; events are debounced, so a burst of writes is one reload. SIGHUP does the
 //! same as a change.
 //!
-//! Files are read, parsed and validated on a blocking thread, off the async runtime: a
-//! 10,000-key file takes tens of milliseconds to parse, which would stall every request on a
-//! one-CPU proxy. Only the finished snapshot is swapped in. Unchanged content is skipped; a
+//! Files are read, parsed and validated on a thread of their own at the lowest CPU priority,
+//! off the async runtime: a 10,000-key file takes tens of milliseconds to parse, which would
+//! stall every request on a one-CPU proxy. Only the finished snapshot is swapped in. Unchanged content is skipped; a
 //! file that fails to load keeps the last good state in force and is reported (log, metric,
 //! `/readyz`); after a swap, every credential that can no longer be used has its live streams
 //! closed.
@@ -140,16 +140,14 @@ impl Reloader {
         Ok(watchers)
     }
 
-    /// Re-read everything (SIGHUP), on a blocking thread; returns when done.
+    /// Re-read everything (SIGHUP), off the runtime; returns when done.
     pub async fn reload(self: &Arc<Self>) {
         let this = self.clone();
-        let done = tokio::task::spawn_blocking(move || {
+        off_runtime(move || {
             this.reload_certificate();
             this.reload_credentials();
-        });
-        if let Err(e) = done.await {
-            tracing::error!(event = "reload", error = %e, "reload task failed");
-        }
+        })
+        .await;
     }
 
     /// Load the certificate pair again and serve it to new handshakes; a broken or mismatched
@@ -240,9 +238,7 @@ impl Reloader {
         let revoked = revoked_between(&old, &new, SystemTime::now());
         self.credentials.store(Arc::new(new));
         tracing::info!(event = "reload", generation, "credentials swapped");
-        for r in revoked {
-            self.revoke(&r);
-        }
+        self.revoke(&revoked);
         // The old snapshot (a whole keys file) is freed here, on this thread.
         drop(old);
     }
@@ -250,33 +246,44 @@ impl Reloader {
     /// Close the streams of keys whose `expires` passed in `(since, now]`.
     pub fn revoke_expired(&self, since: SystemTime, now: SystemTime) {
         let snapshot = self.credentials.load();
-        for key in snapshot.keys.keys() {
-            if key.enabled && key.expires.is_some_and(|e| since < e && e <= now) {
-                self.revoke(&Revoked {
-                    cred: CredId::Key(*key.digest()),
-                    kind: "key",
-                    name: key.name.clone(),
-                    fingerprint: Some(key.fingerprint.clone()),
-                    reason: "expired",
-                });
-            }
-        }
+        let expired: Vec<Revoked> = snapshot
+            .keys
+            .keys()
+            .filter(|k| k.enabled && k.expires.is_some_and(|e| since < e && e <= now))
+            .map(|key| Revoked {
+                cred: CredId::Key(*key.digest()),
+                kind: "key",
+                name: key.name.clone(),
+                fingerprint: Some(key.fingerprint.clone()),
+                reason: "expired",
+            })
+            .collect();
+        self.revoke(&expired);
     }
 
-    fn revoke(&self, r: &Revoked) {
-        let closed = self.streams.revoke(|c| c == &r.cred);
-        tracing::info!(
-            event = "credential_revoked",
-            credential = r.kind,
-            name = %r.name,
-            key_fp = r.fingerprint.as_deref(),
-            reason = r.reason,
-            streams_closed = closed,
-            "{} {:?} {}: {closed} live stream(s) closed",
-            r.kind,
-            r.name,
-            r.reason
-        );
+    /// Close the live streams of every revoked credential (one pass over the registry, however
+    /// many there are), and write one audit line per credential.
+    fn revoke(&self, revoked: &[Revoked]) {
+        if revoked.is_empty() {
+            return;
+        }
+        let creds: std::collections::HashSet<&CredId> = revoked.iter().map(|r| &r.cred).collect();
+        let closed = self.streams.revoke_all(&creds);
+        for r in revoked {
+            let closed = closed.get(&r.cred).copied().unwrap_or(0);
+            tracing::info!(
+                event = "credential_revoked",
+                credential = r.kind,
+                name = %r.name,
+                key_fp = r.fingerprint.as_deref(),
+                reason = r.reason,
+                streams_closed = closed,
+                "{} {:?} {}: {closed} live stream(s) closed",
+                r.kind,
+                r.name,
+                r.reason
+            );
+        }
     }
 }
 
@@ -350,7 +357,7 @@ fn revoked_between(old: &Snapshot, new: &Snapshot, now: SystemTime) -> Vec<Revok
         if !key.usable(now) || new.keys.usable(key.digest(), now) {
             continue;
         }
-        let reason = match new.keys.keys().find(|k| k.digest() == key.digest()) {
+        let reason = match new.keys.get(key.digest()) {
             None => "removed",
             Some(k) if !k.enabled => "disabled",
             Some(_) => "expired",
@@ -387,11 +394,61 @@ fn revoked_between(old: &Snapshot, new: &Snapshot, now: SystemTime) -> Vec<Revok
     out
 }
 
+/// Run `f` on a thread of its own at the lowest CPU priority, and wait for it: on a proxy
+/// limited to one CPU, reading and parsing a large file must yield the CPU to requests rather
+/// than share it with them. Not a thread of the runtime's blocking pool, which keeps its
+/// threads (and their priority) for other work. A thread that cannot be started is logged,
+/// and the last good state stays in force.
+async fn off_runtime(f: impl FnOnce() + Send + 'static) {
+    let (done, finished) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("portcullis-reload".into())
+        .spawn(move || {
+            lowest_priority();
+            f();
+            let _ = done.send(());
+        });
+    match spawned {
+        Ok(_) => {
+            if finished.await.is_err() {
+                tracing::error!(
+                    event = "reload",
+                    "the reload thread panicked; the previous state stays in force"
+                );
+            }
+        }
+        Err(e) => {
+            tracing::error!(event = "reload", error = %e, "cannot start a reload thread; the previous state stays in force");
+        }
+    }
+}
+
+/// Put the calling thread in Linux's `SCHED_IDLE` class: any request that wakes the runtime
+/// preempts it at once (a nice-19 thread, measured, could still hold the CPU for a scheduler
+/// slice, several milliseconds, at each wake-up). It is not starved: on a saturated CPU it
+/// still gets a small share, so a reload is slower there, never lost. Where `SCHED_IDLE` is
+/// refused (a seccomp filter, say), nice 19; where that fails too, normal priority.
+#[cfg(target_os = "linux")]
+fn lowest_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: plain system calls on the calling thread (pid 0 / its own tid); `param` outlives
+    // the call.
+    unsafe {
+        if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
+            let tid = libc::gettid();
+            let _ = libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lowest_priority() {}
+
 /// How long to wait for a burst of events to settle before reloading.
 pub const DEBOUNCE: Duration = Duration::from_millis(300);
 
 /// Watch `files`; run `on_change` once per settled burst of changes until `stop`, on a
-/// blocking thread (it reads and parses files: never on the async runtime, whose requests it
+/// thread of its own (it reads and parses files: never on the async runtime, whose requests it
 /// would stall), one run at a time. The returned watcher must be kept alive.
 fn watch<F>(
     files: &[PathBuf],
@@ -444,9 +501,7 @@ where
                 }
             }
             let run = on_change.clone();
-            if let Err(e) = tokio::task::spawn_blocking(move || run()).await {
-                tracing::error!(event = "reload", error = %e, "reload task failed");
-            }
+            off_runtime(move || run()).await;
         }
     });
     Ok(watcher)

@@ -111,6 +111,22 @@ impl Streams {
         closed
     }
 
+    /// Close every live stream opened with one of `creds`, in one pass over the registry;
+    /// returns how many were closed per credential (absent: none).
+    pub fn revoke_all(&self, creds: &std::collections::HashSet<&CredId>) -> HashMap<CredId, usize> {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut closed: HashMap<CredId, usize> = HashMap::new();
+        for entry in live.values() {
+            if creds.contains(&entry.cred) && !entry.cancel.is_cancelled() {
+                entry.cancel.cancel();
+                *closed.entry(entry.cred.clone()).or_default() += 1;
+            }
+        }
+        let total: usize = closed.values().sum();
+        self.revoked.fetch_add(total as u64, Ordering::Relaxed);
+        closed
+    }
+
     /// Live streams per credential, for revocation decisions and audit lines.
     pub fn count_for(&self, cred: &CredId) -> usize {
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());

@@ -342,6 +342,11 @@ impl KeySet {
     }
 
     /// Every key, in no particular order.
+    /// The key with this digest, usable or not.
+    pub fn get(&self, digest: &[u8; 32]) -> Option<&Arc<ApiKey>> {
+        self.by_digest.get(digest)
+    }
+
     pub fn keys(&self) -> impl Iterator<Item = &Arc<ApiKey>> {
         self.by_digest.values()
     }

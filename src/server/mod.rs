@@ -241,8 +241,8 @@ impl Server {
     }
 
     /// Re-read what can change without a restart (keys, htpasswd, the TLS certificate and
-    /// key), as SIGHUP does, on a blocking thread. A file that fails to load keeps the last
-    /// good state.
+    /// key), as SIGHUP does, off the runtime at the lowest CPU priority. A file that fails to
+    /// load keeps the last good state.
     pub async fn reload(&self) {
         self.reloader.reload().await;
     }
