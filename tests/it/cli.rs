@@ -1,78 +1,10 @@
 //! The command line: check, keygen, hash-key, and the binary's signal handling.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::support::*;
-
-pub fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_portcullis"))
-}
-
-/// Every line `from` prints, as it is printed.
-pub fn lines_of(from: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(from).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    rx
-}
-
-/// The binary, running `config` written as `dir/proxy.toml` (its `[log]` must say
-/// `format = "json"`): the process, its stderr lines, and the address it listens on.
-pub struct Running {
-    pub child: std::process::Child,
-    pub addr: std::net::SocketAddr,
-    pub lines: std::sync::mpsc::Receiver<String>,
-}
-
-pub fn run_binary(dir: &std::path::Path, config: &str) -> Running {
-    let path = dir.join("proxy.toml");
-    std::fs::write(&path, config).unwrap();
-    let mut child = bin()
-        .arg("run")
-        .arg("--config")
-        .arg(&path)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = lines_of(child.stderr.take().unwrap());
-    let addr = loop {
-        let line = lines
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the startup line");
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-            if v["message"] == "portcullis listening" {
-                break v["listen"].as_str().unwrap().parse().unwrap();
-            }
-        }
-    };
-    Running { child, addr, lines }
-}
-
-/// Send `signal` (as `kill` spells it) and wait up to 10 s for the process to exit.
-pub async fn stop(child: &mut std::process::Child, signal: &str) -> std::process::ExitStatus {
-    let sent = Command::new("kill")
-        .arg(signal)
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(sent.success(), "kill {signal} failed");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(code) = child.try_wait().unwrap() {
-            return code;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still running 10 s after {signal}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 #[test]
 fn check_reports_every_mistake_with_file_line_and_column() {
@@ -312,14 +244,11 @@ async fn sighup_reloads_a_keys_file_the_watcher_cannot_see_change() {
         .status()
         .unwrap();
     assert!(hup.success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while get(&url, &[("x-api-key", WEB_KEY)]).await.status != 200 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "SIGHUP did not reload the keys"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(Duration::from_secs(10), async || {
+        (get(&url, &[("x-api-key", WEB_KEY)]).await.status == 200).then_some(())
+    })
+    .await
+    .expect("SIGHUP did not reload the keys");
     assert_eq!(get(&url, &[("x-api-key", PROD_KEY)]).await.status, 401);
     let code = stop(&mut child, "-TERM").await;
     assert!(code.success(), "exit status {code}");
@@ -436,7 +365,7 @@ fn the_kubernetes_example_config_passes_check_with_its_secrets_mounted() {
         d
     };
     std::fs::write(mount("keys").join("keys.toml"), keys_file()).unwrap();
-    let pki = crate::pki::Pki::new();
+    let pki = crate::support::pki::Pki::new();
     let leaf = pki.server();
     std::fs::write(mount("tls").join("tls.crt"), &leaf.cert).unwrap();
     std::fs::write(mount("tls").join("tls.key"), &leaf.key).unwrap();

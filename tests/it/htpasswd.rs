@@ -247,19 +247,12 @@ async fn repeated_failures_ban_the_client_before_any_hash_is_computed_and_the_ba
         computed,
         "a hash was computed during the ban"
     );
-    let mut ok = false;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::time::Instant::now() < deadline {
-        if get(&url, &[("authorization", &basic_auth("victim", "s3cret"))])
-            .await
-            .status
-            == 200
-        {
-            ok = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let ok = eventually(Duration::from_secs(10), async || {
+        let auth = basic_auth("victim", "s3cret");
+        (get(&url, &[("authorization", &auth)]).await.status == 200).then_some(())
+    })
+    .await
+    .is_some();
     assert!(ok, "the ban did not expire");
     assert_eq!(backend.count(), 1);
 }
@@ -297,7 +290,7 @@ async fn a_bcrypt_in_progress_does_not_delay_an_api_key_request() {
         )
     };
     // Wait until the bcrypt verification has started.
-    let started = eventually(Duration::from_secs(10), || {
+    let started = eventually(Duration::from_secs(10), async || {
         (proxy.inner().auth.basic.computed.load(Ordering::Relaxed) == 1).then_some(())
     })
     .await;

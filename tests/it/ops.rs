@@ -5,37 +5,7 @@ use std::time::Duration;
 
 use http::Response;
 
-use crate::cli::{run_binary, stop, Running};
 use crate::support::*;
-
-/// Scrape `/metrics` and parse it.
-async fn scrape(proxy: &Proxy) -> prometheus_parse::Scrape {
-    let r = get(&format!("http://{}/metrics", proxy.admin), &[]).await;
-    assert_eq!(r.status, 200);
-    assert!(r.headers["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("application/openmetrics-text"));
-    let text = String::from_utf8(r.body.to_vec()).unwrap();
-    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
-        .expect("the exposition parses")
-}
-
-/// The value of the sample `name` whose labels include `labels` (0 when absent).
-fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    s.samples
-        .iter()
-        .filter(|x| x.metric == name)
-        .find(|x| labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
-        .map(|x| match &x.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => *v,
-            prometheus_parse::Value::Histogram(h) => h.last().map_or(0.0, |b| b.count),
-            prometheus_parse::Value::Summary(_) => f64::NAN,
-        })
-        .unwrap_or(0.0)
-}
 
 #[tokio::test]
 async fn every_metric_family_moves_with_its_event() {
@@ -114,31 +84,22 @@ async fn every_metric_family_moves_with_its_event() {
             &[("file", "keys"), ("result", result)],
         )
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while reloads(&scrape(&proxy).await, "error") < 1.0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no failed reload counted"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(Duration::from_secs(10), async || {
+        (reloads(&scrape(&proxy).await, "error") >= 1.0).then_some(())
+    })
+    .await
+    .expect("no failed reload counted");
     std::fs::write(
         proxy.dir.path().join("keys.toml"),
         keys_file().replace("old-key", "older-key"),
     )
     .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let s = loop {
+    let s = eventually(Duration::from_secs(10), async || {
         let s = scrape(&proxy).await;
-        if reloads(&s, "ok") >= 1.0 {
-            break s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no good reload counted"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        (reloads(&s, "ok") >= 1.0).then_some(s)
+    })
+    .await
+    .expect("no good reload counted");
     assert_eq!(value(&s, "portcullis_credentials_generation", &[]), 2.0);
     assert!(
         value(
@@ -241,7 +202,7 @@ async fn the_combined_access_log_matches_the_fail2ban_filter_with_the_right_host
     .await;
     assert_eq!(r.status, 401);
     let path = proxy.access_log_path();
-    let line = eventually(Duration::from_secs(5), || {
+    let line = eventually(Duration::from_secs(5), async || {
         std::fs::read_to_string(&path)
             .ok()
             .filter(|t| !t.is_empty())
@@ -275,6 +236,7 @@ async fn no_secret_reaches_any_log_line_at_trace_level() {
         mut child,
         addr,
         lines: rx,
+        ..
     } = run_binary(
         dir.path(),
         &format!(
@@ -310,6 +272,17 @@ async fn no_secret_reaches_any_log_line_at_trace_level() {
     let code = stop(&mut child, "-TERM").await;
     assert!(code.success());
     let mut logged: Vec<String> = rx.try_iter().collect();
+    // The process log was captured, at debug level and below: a test that read no line would
+    // find no secret in it.
+    let failures = logged
+        .iter()
+        .filter(|l| l.contains("authentication failed"))
+        .count();
+    assert!(
+        failures >= 4,
+        "{failures} \"authentication failed\" lines among {} process-log lines captured",
+        logged.len()
+    );
     let access = std::fs::read_to_string(dir.path().join("access.log")).unwrap();
     assert!(
         access.lines().count() >= requests.len(),
@@ -360,7 +333,7 @@ async fn sigusr1_reopens_the_access_log_after_logrotate_moved_it() {
     let url = format!("http://{addr}/x");
     let log = dir.path().join("access.log");
     get(&url, &[("x-api-key", PROD_KEY)]).await;
-    eventually(Duration::from_secs(5), || {
+    eventually(Duration::from_secs(5), async || {
         std::fs::read_to_string(&log)
             .ok()
             .filter(|t| t.lines().count() == 1)
@@ -375,15 +348,12 @@ async fn sigusr1_reopens_the_access_log_after_logrotate_moved_it() {
         .unwrap();
     assert!(sent.success());
     // Requests until one lands in a new access.log (the signal is handled asynchronously).
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !log.exists() {
+    eventually(Duration::from_secs(10), async || {
         get(&url, &[("x-api-key", PROD_KEY)]).await;
-        assert!(
-            std::time::Instant::now() < deadline,
-            "access.log was not reopened"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        log.exists().then_some(())
+    })
+    .await
+    .expect("access.log was not reopened");
     let code = stop(&mut child, "-TERM").await;
     assert!(code.success());
     let rotated = std::fs::read_to_string(dir.path().join("access.log.1")).unwrap();

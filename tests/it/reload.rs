@@ -12,9 +12,7 @@ use hyper::body::Incoming;
 use portcullis::streams::StreamKind;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::streams::{next_chunk, open_stream, Sender};
 use crate::support::*;
-use crate::websocket::{connect_ws, next_message, until_closed};
 
 /// A distinct, valid key for step `n`.
 fn key(n: usize) -> String {
@@ -32,18 +30,13 @@ fn keys_toml(entries: &[(&str, &str, bool)]) -> String {
 
 /// Wait until `key` gets `status` from the proxy (10 s at most).
 async fn until_status(proxy: &Proxy, key: &str, status: u16) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let got = get(&proxy.url("/api"), &[("x-api-key", key)]).await.status;
-        if got == status {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{key} still gets {got}, want {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut got = http::StatusCode::OK;
+    let reached = eventually(Duration::from_secs(10), async || {
+        got = get(&proxy.url("/api"), &[("x-api-key", key)]).await.status;
+        (got == status).then_some(())
+    })
+    .await;
+    assert!(reached.is_some(), "{key} still gets {got}, want {status}");
 }
 
 async fn proxy_with_keys_at(backend_url: &str, keys: &Path) -> Proxy {
@@ -174,18 +167,13 @@ async fn a_kubernetes_secret_update_is_picked_up_twice() {
 
 /// Poll `/readyz` until `pred` holds for its JSON (10 s at most); returns that JSON.
 async fn until_readyz(admin: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = get(admin, &[]).await.json();
-        if pred(&r) {
-            return r;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "readyz never matched: {r}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut last = serde_json::Value::Null;
+    let matched = eventually(Duration::from_secs(10), async || {
+        last = get(admin, &[]).await.json();
+        pred(&last).then(|| last.clone())
+    })
+    .await;
+    matched.unwrap_or_else(|| panic!("readyz never matched: {last}"))
 }
 
 #[tokio::test]
@@ -277,11 +265,11 @@ async fn htpasswd_users_are_reloaded_and_removed_users_refused() {
     let tmp = dir.path().join("htpasswd.tmp");
     std::fs::write(&tmp, entry("bob", "second")).unwrap();
     std::fs::rename(&tmp, &path).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while status("bob", "second").await != 200 {
-        assert!(std::time::Instant::now() < deadline, "bob never got in");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(Duration::from_secs(10), async || {
+        (status("bob", "second").await == 200).then_some(())
+    })
+    .await
+    .expect("bob never got in");
     // alice's password was cached as valid; her removal wins over the cache.
     assert_eq!(status("alice", "first").await, 401);
 }
@@ -292,7 +280,7 @@ async fn mixed_backend(senders: Arc<Mutex<Vec<Sender>>>) -> Backend {
     Backend::with(move |mut req: Request<Incoming>| {
         let senders = senders.clone();
         async move {
-            if let Some(resp) = crate::websocket::websocket_echo(&mut req) {
+            if let Some(resp) = crate::support::websocket_echo(&mut req) {
                 return resp;
             }
             let (tx, body) = channel_body();

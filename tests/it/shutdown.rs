@@ -17,7 +17,7 @@ async fn shutdown_finishes_an_in_flight_request_and_then_refuses_new_connections
     let url = proxy.url("/slow");
     let in_flight = tokio::spawn(async move { get(&url, &[("x-api-key", PROD_KEY)]).await });
     // Wait until the backend has the request, so it is truly in flight.
-    eventually(Duration::from_secs(5), || {
+    eventually(Duration::from_secs(5), async || {
         (backend.count() == 1).then_some(())
     })
     .await
@@ -51,7 +51,7 @@ async fn shutdown_grace_bounds_how_long_a_stuck_request_is_waited_for() {
     .await;
     let url = proxy.url("/stuck");
     let _in_flight = tokio::spawn(async move { get(&url, &[("x-api-key", PROD_KEY)]).await });
-    eventually(Duration::from_secs(5), || {
+    eventually(Duration::from_secs(5), async || {
         (backend.count() == 1).then_some(())
     })
     .await

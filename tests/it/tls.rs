@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use http::Response;
 
-use crate::pki::*;
+use crate::support::pki::*;
 use crate::support::*;
 
 /// Write `leaf` as tls.crt / tls.key into `dir`.
@@ -157,16 +157,12 @@ async fn a_renamed_certificate_is_served_to_the_next_handshake_and_open_connecti
 /// Poll new handshakes until `leaf` is served (10 s at most).
 async fn wait_for_cert(proxy: &Proxy, opts: &ClientOpts<'_>, leaf: &Leaf) -> bool {
     let want = leaf.der();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::time::Instant::now() < deadline {
-        if let Ok(r) = tls_get(proxy.addr, opts, "/", &[("x-api-key", PROD_KEY)]).await {
-            if r.server_cert == want {
-                return true;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
+    eventually(Duration::from_secs(10), async || {
+        let r = tls_get(proxy.addr, opts, "/", &[("x-api-key", PROD_KEY)]).await;
+        r.is_ok_and(|r| r.server_cert == want).then_some(())
+    })
+    .await
+    .is_some()
 }
 
 #[tokio::test]
@@ -214,7 +210,7 @@ async fn a_broken_certificate_keeps_the_last_good_one() {
 
     // A key that does not match the certificate.
     std::fs::write(certs.path().join("tls.key"), pki.server().key).unwrap();
-    let failed = eventually(Duration::from_secs(10), || {
+    let failed = eventually(Duration::from_secs(10), async || {
         (resolver.reloads_failed.load(Ordering::Relaxed) >= 1).then_some(())
     })
     .await;

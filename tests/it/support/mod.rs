@@ -21,6 +21,17 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+mod binary;
+mod metrics;
+pub mod pki;
+mod streams;
+mod websocket;
+
+pub use binary::*;
+pub use metrics::*;
+pub use streams::*;
+pub use websocket::*;
+
 pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 /// The three keys of the deployment guides' key list: two enabled, one disabled.
@@ -226,12 +237,23 @@ impl Backend {
     }
 }
 
-/// A running proxy with its files in a temporary directory.
+/// A running proxy with its files in a temporary directory: in this process (`server`), or
+/// the real binary in its own (`child`, stopped when this is dropped).
 pub struct Proxy {
     pub server: Option<portcullis::Server>,
+    pub child: Option<std::process::Child>,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub dir: tempfile::TempDir,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 impl Proxy {
@@ -272,6 +294,43 @@ impl Proxy {
 
     /// As [`Proxy::start_with`], with these files (name, content) in its directory.
     pub async fn start_with_files(config: &str, files: &[(&str, &str)]) -> Proxy {
+        let (dir, text) = Proxy::files(config, files);
+        let path = dir.path().join("proxy.toml");
+        let config = portcullis::Config::load(&path).unwrap_or_else(|e| panic!("{e}\n---\n{text}"));
+        let server = portcullis::Server::bind(config).await.unwrap();
+        Proxy {
+            addr: server.local_addr(),
+            admin: server.admin_addr(),
+            server: Some(server),
+            child: None,
+            dir,
+        }
+    }
+
+    /// As [`Proxy::start_with_files`], run as the real binary in a process of its own (its
+    /// memory is its own); the process log is JSON on the binary's stderr, read and dropped.
+    pub fn spawn_with_files(config: &str, files: &[(&str, &str)]) -> Proxy {
+        let (dir, text) = Proxy::files(config, files);
+        let Running {
+            child,
+            addr,
+            admin,
+            lines,
+        } = run_binary(dir.path(), &text);
+        // Keep reading, so the binary never blocks on a full stderr pipe.
+        std::thread::spawn(move || for _ in lines.iter() {});
+        Proxy {
+            server: None,
+            child: Some(child),
+            addr,
+            admin,
+            dir,
+        }
+    }
+
+    /// The directory with `files` and `proxy.toml` (`config`, completed as documented on
+    /// [`Proxy::start_with`]); the config's text.
+    fn files(config: &str, files: &[(&str, &str)]) -> (tempfile::TempDir, String) {
         let dir = tempfile::tempdir().unwrap();
         for (name, content) in files {
             std::fs::write(dir.path().join(name), content).unwrap();
@@ -283,16 +342,8 @@ impl Proxy {
         if !text.contains("[log]") {
             text.push_str("\n[log]\naccess_log = \"access.log\"\n");
         }
-        let path = dir.path().join("proxy.toml");
-        std::fs::write(&path, &text).unwrap();
-        let config = portcullis::Config::load(&path).unwrap_or_else(|e| panic!("{e}\n---\n{text}"));
-        let server = portcullis::Server::bind(config).await.unwrap();
-        Proxy {
-            addr: server.local_addr(),
-            admin: server.admin_addr(),
-            server: Some(server),
-            dir,
-        }
+        std::fs::write(dir.path().join("proxy.toml"), &text).unwrap();
+        (dir, text)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -306,7 +357,7 @@ impl Proxy {
     /// The access log's lines, waiting up to 5 s for at least `n`.
     pub async fn access_lines(&self, n: usize) -> Vec<serde_json::Value> {
         let path = self.access_log_path();
-        let lines = eventually(Duration::from_secs(5), || {
+        let lines = eventually(Duration::from_secs(5), async || {
             let text = std::fs::read_to_string(&path).unwrap_or_default();
             let lines: Vec<serde_json::Value> = text
                 .lines()
@@ -322,7 +373,7 @@ impl Proxy {
 /// Wait (10 s at most) until the proxy has `n` live streams of `kind`.
 pub async fn wait_streams(proxy: &Proxy, kind: portcullis::streams::StreamKind, n: usize) {
     let streams = proxy.inner().streams.clone();
-    let reached = eventually(Duration::from_secs(10), || {
+    let reached = eventually(Duration::from_secs(10), async || {
         (streams.active(kind) == n).then_some(())
     })
     .await;
@@ -334,10 +385,10 @@ pub async fn wait_streams(proxy: &Proxy, kind: portcullis::streams::StreamKind, 
 }
 
 /// Poll `f` every 20 ms until it returns `Some`, or `None` after `deadline`.
-pub async fn eventually<T>(deadline: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+pub async fn eventually<T>(deadline: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> Option<T> {
     let end = Instant::now() + deadline;
     loop {
-        if let Some(v) = f() {
+        if let Some(v) = f().await {
             return Some(v);
         }
         if Instant::now() >= end {
@@ -493,4 +544,11 @@ pub fn find_tool(name: &str, package: &str) -> Option<std::path::PathBuf> {
 pub fn dead_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap()
+}
+
+/// A client whose connections come from `ip`.
+pub fn client_from(ip: &str) -> Client<HttpConnector, Body> {
+    let mut c = HttpConnector::new();
+    c.set_local_address(Some(ip.parse().unwrap()));
+    Client::builder(TokioExecutor::new()).build(c)
 }
