@@ -47,7 +47,8 @@
 # with an SVG bar chart to target/compare/ (compare.md, compare.svg).
 #
 # Environment: ROUNDS (5), DURATION (5s), CONNS (32), PORTCULLIS (the binary; default: built
-# with cargo build --release). Needs nginx, wrk, htpasswd and taskset: Debian packages nginx,
+# with cargo build --release), KEEP_WORK (set: the work directory, with every process's log,
+# is copied to /tmp/compare-work at exit). Needs nginx, wrk, htpasswd and taskset: Debian packages nginx,
 # wrk, apache2-utils, util-linux, and valgrind for `instructions` (installed when missing and
 # running as root).
 set -euo pipefail

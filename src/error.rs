@@ -201,17 +201,19 @@ impl Reject {
         }
     }
 
-    /// Why authentication failed, for logs and metrics (`None` when it is not an auth failure).
+    /// For an authentication failure: its reason (for logs and metrics) and whether a
+    /// credential was presented, which is what counts toward a ban (DESIGN.md §4: a request
+    /// without credentials, a browser's first try, does not). `None` for every other refusal.
     /// Every variant is named: a new refusal does not compile until it is decided here.
-    pub fn auth_reason(&self) -> Option<&'static str> {
+    fn auth_failure(&self) -> Option<(&'static str, bool)> {
         Some(match self {
-            Reject::MissingCredentials | Reject::BasicRequired(_) => "missing",
-            Reject::BadPassword(_) => "bad_password",
-            Reject::MalformedCredentials => "malformed",
-            Reject::InvalidScheme => "invalid_scheme",
-            Reject::InvalidToken(KeyRefusal::Unknown) => "invalid_token",
-            Reject::InvalidToken(KeyRefusal::Disabled) => "disabled",
-            Reject::InvalidToken(KeyRefusal::Expired) => "expired",
+            Reject::MissingCredentials | Reject::BasicRequired(_) => ("missing", false),
+            Reject::BadPassword(_) => ("bad_password", true),
+            Reject::MalformedCredentials => ("malformed", true),
+            Reject::InvalidScheme => ("invalid_scheme", true),
+            Reject::InvalidToken(KeyRefusal::Unknown) => ("invalid_token", true),
+            Reject::InvalidToken(KeyRefusal::Disabled) => ("disabled", true),
+            Reject::InvalidToken(KeyRefusal::Expired) => ("expired", true),
             Reject::Banned { .. }
             | Reject::RateLimited { .. }
             | Reject::Forbidden
@@ -224,27 +226,14 @@ impl Reject {
         })
     }
 
-    /// Whether this refusal counts toward a ban: presented credentials that failed. A request
-    /// without credentials (a browser's first try) does not count (DESIGN.md §4). Every
-    /// variant is named: a new refusal does not compile until it is decided here.
+    /// Why authentication failed, for logs and metrics (`None` when it is not an auth failure).
+    pub fn auth_reason(&self) -> Option<&'static str> {
+        self.auth_failure().map(|(reason, _)| reason)
+    }
+
+    /// Whether this refusal counts toward a ban: presented credentials that failed.
     pub fn counts_toward_ban(&self) -> bool {
-        match self {
-            Reject::MalformedCredentials
-            | Reject::InvalidScheme
-            | Reject::InvalidToken(_)
-            | Reject::BadPassword(_) => true,
-            Reject::MissingCredentials
-            | Reject::BasicRequired(_)
-            | Reject::Banned { .. }
-            | Reject::RateLimited { .. }
-            | Reject::Forbidden
-            | Reject::ForbiddenNetwork
-            | Reject::PayloadTooLarge
-            | Reject::BadRequest
-            | Reject::UpstreamUnavailable
-            | Reject::UpstreamTimeout
-            | Reject::UpgradeUnsupported => false,
-        }
+        self.auth_failure().is_some_and(|(_, presented)| presented)
     }
 
     /// The response, with `body` as its body type.
@@ -292,6 +281,42 @@ impl Reject {
 mod tests {
     use super::*;
     use http_body_util::Full;
+
+    /// DESIGN.md §4: presented credentials that fail count toward a ban; a request without
+    /// credentials, a `forbidden` and a rate-limited one do not.
+    #[test]
+    fn only_presented_credentials_that_fail_count_toward_a_ban() {
+        let counted = [
+            Reject::MalformedCredentials,
+            Reject::InvalidScheme,
+            Reject::InvalidToken(KeyRefusal::Unknown),
+            Reject::InvalidToken(KeyRefusal::Disabled),
+            Reject::InvalidToken(KeyRefusal::Expired),
+            Reject::BadPassword("r".into()),
+        ];
+        let not_counted = [
+            Reject::MissingCredentials,
+            Reject::BasicRequired("r".into()),
+            Reject::Banned { retry_after: 1 },
+            Reject::RateLimited { retry_after: 1 },
+            Reject::Forbidden,
+            Reject::ForbiddenNetwork,
+            Reject::PayloadTooLarge,
+            Reject::BadRequest,
+            Reject::UpstreamUnavailable,
+            Reject::UpstreamTimeout,
+            Reject::UpgradeUnsupported,
+        ];
+        for r in &counted {
+            assert!(r.counts_toward_ban(), "{r:?}");
+            assert!(r.auth_reason().is_some(), "{r:?}");
+        }
+        for r in &not_counted {
+            assert!(!r.counts_toward_ban(), "{r:?}");
+        }
+        assert_eq!(Reject::MissingCredentials.auth_reason(), Some("missing"));
+        assert_eq!(Reject::Forbidden.auth_reason(), None);
+    }
 
     /// Pins DESIGN.md §4 for the rows this build implements.
     #[test]

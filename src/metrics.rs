@@ -23,7 +23,6 @@ use crate::auth::Snapshot;
 use crate::ban::Bans;
 use crate::error::Reject;
 use crate::redis::RedisLink;
-use crate::reload::Reloader;
 use crate::streams::{StreamKind, Streams};
 use crate::tls::CertResolver;
 
@@ -147,6 +146,22 @@ impl Metrics {
     }
 }
 
+/// One watched file's reload counters, as `portcullis_reloads_total` and
+/// `portcullis_reload_last_success_timestamp_seconds` show them.
+pub struct ReloadRow {
+    /// `keys`, `htpasswd` or `tls`.
+    pub file: &'static str,
+    pub ok: u64,
+    pub failed: u64,
+    pub last_success: SystemTime,
+}
+
+/// What reloads files reports its counters through (the reloader implements it): the collector
+/// reads them without depending on the reloader.
+pub trait ReloadReport: Send + Sync {
+    fn rows(&self) -> Vec<ReloadRow>;
+}
+
 /// What the state collector reads at scrape time: explicit handles, each owned elsewhere.
 pub struct Sources {
     /// The public listener's connection permits, and how many there are.
@@ -156,7 +171,8 @@ pub struct Sources {
     pub bans: Arc<Bans>,
     pub streams: Arc<Streams>,
     pub credentials: Arc<ArcSwap<Snapshot>>,
-    pub reloader: Arc<Reloader>,
+    /// The watched files' reload counters.
+    pub reloads: Arc<dyn ReloadReport>,
     /// The shared Redis, when limits and bans are kept there.
     pub redis: Option<Arc<RedisLink>>,
 }
@@ -269,7 +285,7 @@ impl Collector for State {
             "Streams closed because their credential was revoked",
             s.streams.revoked_total(),
         )?;
-        reloads(&mut e, &s.reloader, s.tls.as_deref())?;
+        reloads(&mut e, &s.reloads.rows())?;
         let snapshot = s.credentials.load();
         {
             let mut m = e.encode_descriptor(
@@ -314,29 +330,7 @@ struct FileLabels {
     file: &'static str,
 }
 
-fn reloads(
-    e: &mut DescriptorEncoder,
-    reloader: &Reloader,
-    tls: Option<&CertResolver>,
-) -> std::fmt::Result {
-    let mut rows: Vec<(&'static str, u64, u64, Option<SystemTime>)> = Vec::new();
-    for (file, status) in [
-        ("keys", Reloader::status(&reloader.keys)),
-        ("htpasswd", Reloader::status(&reloader.htpasswd)),
-    ] {
-        if let Some(s) = status {
-            rows.push((file, s.reloads_ok, s.reloads_failed, Some(s.last_success)));
-        }
-    }
-    if let Some(t) = tls {
-        use std::sync::atomic::Ordering::Relaxed;
-        rows.push((
-            "tls",
-            t.reloads_ok.load(Relaxed),
-            t.reloads_failed.load(Relaxed),
-            Some(t.last_success()),
-        ));
-    }
+fn reloads(e: &mut DescriptorEncoder, rows: &[ReloadRow]) -> std::fmt::Result {
     {
         let mut m = e.encode_descriptor(
             "portcullis_reloads",
@@ -344,9 +338,13 @@ fn reloads(
             None,
             MetricType::Counter,
         )?;
-        for (file, ok, failed, _) in &rows {
-            for (result, n) in [("ok", ok), ("error", failed)] {
-                ConstCounter::new(*n).encode(m.encode_family(&ReloadLabels { file, result })?)?;
+        for row in rows {
+            for (result, n) in [("ok", row.ok), ("error", row.failed)] {
+                let labels = ReloadLabels {
+                    file: row.file,
+                    result,
+                };
+                ConstCounter::new(n).encode(m.encode_family(&labels)?)?;
             }
         }
     }
@@ -356,10 +354,9 @@ fn reloads(
         None,
         MetricType::Gauge,
     )?;
-    for (file, _, _, last) in &rows {
-        if let Some(t) = last {
-            ConstGauge::new(unix_seconds(*t)).encode(m.encode_family(&FileLabels { file })?)?;
-        }
+    for row in rows {
+        let labels = FileLabels { file: row.file };
+        ConstGauge::new(unix_seconds(row.last_success)).encode(m.encode_family(&labels)?)?;
     }
     Ok(())
 }

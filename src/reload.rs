@@ -287,6 +287,32 @@ impl Reloader {
     }
 }
 
+impl crate::metrics::ReloadReport for Reloader {
+    fn rows(&self) -> Vec<crate::metrics::ReloadRow> {
+        let mut rows = Vec::new();
+        for (file, status) in [("keys", &self.keys), ("htpasswd", &self.htpasswd)] {
+            if let Some(s) = Reloader::status(status) {
+                rows.push(crate::metrics::ReloadRow {
+                    file,
+                    ok: s.reloads_ok,
+                    failed: s.reloads_failed,
+                    last_success: s.last_success,
+                });
+            }
+        }
+        if let Some((t, _)) = &self.cert {
+            use std::sync::atomic::Ordering::Relaxed;
+            rows.push(crate::metrics::ReloadRow {
+                file: "tls",
+                ok: t.reloads_ok.load(Relaxed),
+                failed: t.reloads_failed.load(Relaxed),
+                last_success: t.last_success(),
+            });
+        }
+        rows
+    }
+}
+
 enum Attempt<T> {
     Unchanged,
     Loaded(T),

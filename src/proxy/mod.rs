@@ -125,24 +125,7 @@ impl Proxy {
                 }
                 resp.map(Either::Left)
             }
-            Err(reject) => {
-                ex.record.outcome = reject.outcome();
-                if let Some(reason) = reject.auth_reason() {
-                    tracing::debug!(client = %ex.record.client, reason, request_id = %ex.record.request_id, "authentication failed");
-                }
-                self.metrics.refused(&reject);
-                let mut resp: Response<Full<Bytes>> = if ex.grpc {
-                    reject.grpc_response()
-                } else {
-                    reject.response()
-                };
-                if ex.unread_body && ex.record.protocol.starts_with("HTTP/1") {
-                    // Do not try to read what is left of a refused body: close instead.
-                    resp.headers_mut()
-                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                }
-                resp.map(Either::Right)
-            }
+            Err(reject) => self.refusal(&reject, &mut ex).map(Either::Right),
         };
         resp.headers_mut()
             .insert(X_REQUEST_ID.clone(), ex.record.request_id.value().clone());
@@ -154,17 +137,7 @@ impl Proxy {
         headers::secure_response(resp.headers_mut(), &self.config.headers, self.tls);
         ex.record.status = resp.status().as_u16();
         if let Some((client, upstream)) = ex.tunnel.take() {
-            // The access log line is written when the tunnel ends, with what it moved.
-            let cred = ex.cred.clone().unwrap_or(CredId::Anonymous);
-            let guard = self.streams.register(cred, StreamKind::WebSocket);
-            let (limits, force) = (self.limits, self.streams.force.clone());
-            self.streams.tracker.spawn(async move {
-                let (end, moved) = tunnel::run(client, upstream, guard, limits, force).await;
-                ex.record.bytes = moved.down;
-                ex.record.outcome = end.outcome();
-                drop(ex);
-                drop(conn);
-            });
+            self.spawn_tunnel(client, upstream, ex, conn);
             return Ok(resp.map(|inner| LoggedBody {
                 inner,
                 ex: None,
@@ -178,6 +151,49 @@ impl Proxy {
             watch,
             idle_limit: self.limits.idle,
         }))
+    }
+
+    /// A refusal as the client gets it: JSON (or gRPC's trailers-only form), counted, and with
+    /// `Connection: close` when an HTTP/1 request body was left unread.
+    fn refusal(&self, reject: &Reject, ex: &mut Exchange) -> Response<Full<Bytes>> {
+        ex.record.outcome = reject.outcome();
+        if let Some(reason) = reject.auth_reason() {
+            tracing::debug!(client = %ex.record.client, reason, request_id = %ex.record.request_id, "authentication failed");
+        }
+        self.metrics.refused(reject);
+        let mut resp: Response<Full<Bytes>> = if ex.grpc {
+            reject.grpc_response()
+        } else {
+            reject.response()
+        };
+        if ex.unread_body && ex.record.protocol.starts_with("HTTP/1") {
+            // Do not try to read what is left of a refused body: close instead.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    }
+
+    /// Copy bytes both ways once both sides have upgraded, registered under the credential;
+    /// the access log line is written when the tunnel ends, with what it moved. The tunnel
+    /// holds the connection's slot (`conn`) until then.
+    fn spawn_tunnel(
+        &self,
+        client: OnUpgrade,
+        upstream: OnUpgrade,
+        mut ex: Exchange,
+        conn: Arc<ConnInfo>,
+    ) {
+        let cred = ex.cred.clone().unwrap_or(CredId::Anonymous);
+        let guard = self.streams.register(cred, StreamKind::WebSocket);
+        let (limits, force) = (self.limits, self.streams.force.clone());
+        self.streams.tracker.spawn(async move {
+            let (end, moved) = tunnel::run(client, upstream, guard, limits, force).await;
+            ex.record.bytes = moved.down;
+            ex.record.outcome = end.outcome();
+            drop(ex);
+            drop(conn);
+        });
     }
 
     /// The stages, in order; the first refusal ends the request.

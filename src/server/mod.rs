@@ -174,7 +174,7 @@ impl Server {
                     bans: bans.clone(),
                     streams: streams.clone(),
                     credentials: auth.credentials.clone(),
-                    reloader: reloader.clone(),
+                    reloads: reloader.clone(),
                     redis,
                 },
             ),

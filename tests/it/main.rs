@@ -7,6 +7,7 @@ mod connections;
 mod docs;
 mod forwarding;
 mod htpasswd;
+mod layout;
 mod limits;
 mod ops;
 mod paths;
