@@ -26,38 +26,9 @@ impl Validator<'_> {
         let a = a.map(|a| a.into_inner()).unwrap_or_default();
         let anonymous = a.anonymous.unwrap_or(false);
 
-        let mut keys = KeySet::default();
-        let keys_file = a.keys_file.as_ref().map(|f| self.path(f.get_ref()));
-        if let (Some(path), Some(raw)) = (&keys_file, &a.keys_file) {
-            match std::fs::read_to_string(path) {
-                Ok(text) => match KeySet::parse(path, &text) {
-                    Ok(k) => keys = k,
-                    Err(mut e) => self.errors.append(&mut e),
-                },
-                Err(e) => self.err(
-                    raw,
-                    format!("keys_file: cannot read {}: {e}", path.display()),
-                ),
-            }
-        }
         let htpasswd_plaintext = a.htpasswd_plaintext.unwrap_or(false);
-        let htpasswd_file = a.htpasswd_file.as_ref().map(|f| self.path(f.get_ref()));
-        let mut htpasswd = None;
-        if let (Some(path), Some(raw)) = (&htpasswd_file, &a.htpasswd_file) {
-            match std::fs::read_to_string(path) {
-                Ok(text) => match Htpasswd::parse(path, &text, htpasswd_plaintext) {
-                    Ok((file, warnings)) => {
-                        htpasswd = Some(Arc::new(file));
-                        self.warnings.extend(warnings.into_iter().map(|w| w.0));
-                    }
-                    Err(mut e) => self.errors.append(&mut e),
-                },
-                Err(e) => self.err(
-                    raw,
-                    format!("htpasswd_file: cannot read {}: {e}", path.display()),
-                ),
-            }
-        }
+        let (keys_file, keys) = self.keys_file(&a.keys_file);
+        let (htpasswd_file, htpasswd) = self.htpasswd_file(&a.htpasswd_file, htpasswd_plaintext);
         let htpasswd_cache_ttl = self.duration(
             &a.htpasswd_cache_ttl,
             "htpasswd_cache_ttl",
@@ -90,6 +61,86 @@ impl Validator<'_> {
             }
         }
 
+        let (api_key_headers, identity_header, realm) = self.auth_headers(&a, keys_file.is_some());
+
+        let mut public_paths = Vec::new();
+        for p in a.public_paths.iter().flatten() {
+            match PathPattern::parse(p.get_ref()) {
+                Ok(pat) => public_paths.push(pat),
+                Err(e) => self.err(p, format!("public_paths: {e}")),
+            }
+        }
+
+        Some(AuthConfig {
+            keys_file,
+            keys,
+            htpasswd_file,
+            htpasswd,
+            htpasswd_plaintext,
+            htpasswd_cache_ttl,
+            htpasswd_cache_entries,
+            api_key_headers,
+            realm,
+            identity_header,
+            public_paths,
+            anonymous,
+            client_cert_identity,
+        })
+    }
+
+    /// `keys_file`, read and parsed: its path and keys.
+    fn keys_file(&mut self, raw: &S<String>) -> (Option<PathBuf>, KeySet) {
+        let Some(raw) = raw else {
+            return (None, KeySet::default());
+        };
+        let path = self.path(raw.get_ref());
+        let mut keys = KeySet::default();
+        match std::fs::read_to_string(&path) {
+            Ok(text) => match KeySet::parse(&path, &text) {
+                Ok(k) => keys = k,
+                Err(mut e) => self.errors.append(&mut e),
+            },
+            Err(e) => self.err(
+                raw,
+                format!("keys_file: cannot read {}: {e}", path.display()),
+            ),
+        }
+        (Some(path), keys)
+    }
+
+    /// `htpasswd_file`, read and parsed: its path and users; weak hashes become warnings.
+    fn htpasswd_file(
+        &mut self,
+        raw: &S<String>,
+        plaintext: bool,
+    ) -> (Option<PathBuf>, Option<Arc<Htpasswd>>) {
+        let Some(raw) = raw else {
+            return (None, None);
+        };
+        let path = self.path(raw.get_ref());
+        let mut htpasswd = None;
+        match std::fs::read_to_string(&path) {
+            Ok(text) => match Htpasswd::parse(&path, &text, plaintext) {
+                Ok((file, warnings)) => {
+                    htpasswd = Some(Arc::new(file));
+                    self.warnings.extend(warnings.into_iter().map(|w| w.0));
+                }
+                Err(mut e) => self.errors.append(&mut e),
+            },
+            Err(e) => self.err(
+                raw,
+                format!("htpasswd_file: cannot read {}: {e}", path.display()),
+            ),
+        }
+        (Some(path), htpasswd)
+    }
+
+    /// `api_key_headers`, `identity_header` and `realm`.
+    fn auth_headers(
+        &mut self,
+        a: &RawAuth,
+        has_keys: bool,
+    ) -> (Vec<http::HeaderName>, http::HeaderName, String) {
         let api_key_headers = match &a.api_key_headers {
             None => vec![
                 http::header::AUTHORIZATION,
@@ -102,7 +153,7 @@ impl Validator<'_> {
                     .map(|n| Spanned::new(list.span(), n.clone()))
                     .filter_map(|n| self.header_name(&n, "api_key_headers"))
                     .collect();
-                if names.is_empty() && keys_file.is_some() {
+                if names.is_empty() && has_keys {
                     self.err(list, "api_key_headers is empty: no request could present a key; remove it to use [\"authorization\", \"x-api-key\"]");
                 }
                 names
@@ -140,30 +191,7 @@ impl Validator<'_> {
                 v.get_ref().clone()
             }
         };
-
-        let mut public_paths = Vec::new();
-        for p in a.public_paths.iter().flatten() {
-            match PathPattern::parse(p.get_ref()) {
-                Ok(pat) => public_paths.push(pat),
-                Err(e) => self.err(p, format!("public_paths: {e}")),
-            }
-        }
-
-        Some(AuthConfig {
-            keys_file,
-            keys,
-            htpasswd_file,
-            htpasswd,
-            htpasswd_plaintext,
-            htpasswd_cache_ttl,
-            htpasswd_cache_entries,
-            api_key_headers,
-            realm,
-            identity_header,
-            public_paths,
-            anonymous,
-            client_cert_identity,
-        })
+        (api_key_headers, identity_header, realm)
     }
 
     /// A header value from the config; "" means "do not send".

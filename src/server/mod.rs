@@ -164,51 +164,33 @@ impl Server {
             .tracker
             .spawn(ctx.clone().accept_loop(listeners.public, "proxy", serve));
 
-        let admin_state = Arc::new(admin::Admin {
-            registry: crate::metrics::registry(
-                &proxy.metrics,
-                crate::metrics::Sources {
-                    connections: ctx.limit.clone(),
-                    max_connections: config.server.max_connections,
-                    tls: resolver.clone(),
-                    bans: bans.clone(),
-                    streams: streams.clone(),
-                    credentials: auth.credentials.clone(),
-                    reloads: reloader.clone(),
-                    redis,
-                },
-            ),
+        let metrics = crate::metrics::Sources {
+            connections: ctx.limit.clone(),
+            max_connections: config.server.max_connections,
+            tls: resolver.clone(),
+            bans: bans.clone(),
+            streams: streams.clone(),
+            credentials: auth.credentials.clone(),
+            reloads: reloader.clone(),
+            redis,
+        };
+        let admin = admin::Admin {
+            registry: crate::metrics::registry(&proxy.metrics, metrics),
             config: config.clone(),
             credentials: auth.credentials.clone(),
             reloader: reloader.clone(),
             streams,
             tls: resolver,
-        });
-        let admin_ctx = Accept {
-            limit: Arc::new(Semaphore::new(64)),
-            gate: None,
-            ..ctx.clone()
         };
-        let admin_serve = admin_ctx
-            .clone()
-            .http1(move |req| admin::handle(admin_state.clone(), req));
-        server
-            .tracker
-            .spawn(admin_ctx.accept_loop(listeners.admin, "admin", admin_serve));
+        spawn_admin(&ctx, listeners.admin, admin);
 
         if let Some(listener) = listeners.redirect {
-            let https_port = local_addr.port();
-            let redirect_ctx = Accept {
-                limit: Arc::new(Semaphore::new(config.server.max_connections)),
-                gate: None,
-                ..ctx.clone()
-            };
-            let serve = redirect_ctx
-                .clone()
-                .http1(move |req| async move { Ok(redirect::redirect_to_https(&req, https_port)) });
-            server
-                .tracker
-                .spawn(redirect_ctx.accept_loop(listener, "redirect_http", serve));
+            spawn_redirect(
+                &ctx,
+                listener,
+                local_addr.port(),
+                config.server.max_connections,
+            );
         }
 
         server
@@ -273,6 +255,35 @@ impl Server {
         }
         tracing::info!("portcullis stopped");
     }
+}
+
+/// Serve the admin endpoints on their listener, with their own small connection limit.
+fn spawn_admin(ctx: &Accept, listener: TcpListener, admin: admin::Admin) {
+    let admin = Arc::new(admin);
+    let admin_ctx = Accept {
+        limit: Arc::new(Semaphore::new(64)),
+        gate: None,
+        ..ctx.clone()
+    };
+    let serve = admin_ctx
+        .clone()
+        .http1(move |req| admin::handle(admin.clone(), req));
+    ctx.tracker
+        .spawn(admin_ctx.accept_loop(listener, "admin", serve));
+}
+
+/// Answer every request on `redirect_http` with 308 to https on `https_port`.
+fn spawn_redirect(ctx: &Accept, listener: TcpListener, https_port: u16, max_connections: usize) {
+    let redirect_ctx = Accept {
+        limit: Arc::new(Semaphore::new(max_connections)),
+        gate: None,
+        ..ctx.clone()
+    };
+    let serve = redirect_ctx
+        .clone()
+        .http1(move |req| async move { Ok(redirect::redirect_to_https(&req, https_port)) });
+    ctx.tracker
+        .spawn(redirect_ctx.accept_loop(listener, "redirect_http", serve));
 }
 
 /// The public listener's connection builders: one per protocol rather than hyper-util's auto
