@@ -88,23 +88,33 @@ impl Validator<'_> {
         })
     }
 
+    /// The file `key` names, read: its path, and its text unless it could not be read (which
+    /// is reported at the key's position).
+    fn read_named(&mut self, raw: &Spanned<String>, key: &str) -> (PathBuf, Option<String>) {
+        let path = self.path(raw.get_ref());
+        match std::fs::read_to_string(&path) {
+            Ok(text) => (path, Some(text)),
+            Err(e) => {
+                self.err(raw, format!("{key}: cannot read {}: {e}", path.display()));
+                (path, None)
+            }
+        }
+    }
+
     /// `keys_file`, read and parsed: its path and keys.
     fn keys_file(&mut self, raw: &S<String>) -> (Option<PathBuf>, KeySet) {
         let Some(raw) = raw else {
             return (None, KeySet::default());
         };
-        let path = self.path(raw.get_ref());
-        let mut keys = KeySet::default();
-        match std::fs::read_to_string(&path) {
-            Ok(text) => match KeySet::parse(&path, &text) {
-                Ok(k) => keys = k,
-                Err(mut e) => self.errors.append(&mut e),
-            },
-            Err(e) => self.err(
-                raw,
-                format!("keys_file: cannot read {}: {e}", path.display()),
-            ),
-        }
+        let (path, text) = self.read_named(raw, "keys_file");
+        let keys = match text.map(|t| KeySet::parse(&path, &t)) {
+            Some(Ok(keys)) => keys,
+            Some(Err(mut e)) => {
+                self.errors.append(&mut e);
+                KeySet::default()
+            }
+            None => KeySet::default(),
+        };
         (Some(path), keys)
     }
 
@@ -117,22 +127,19 @@ impl Validator<'_> {
         let Some(raw) = raw else {
             return (None, None);
         };
-        let path = self.path(raw.get_ref());
-        let mut htpasswd = None;
-        match std::fs::read_to_string(&path) {
-            Ok(text) => match Htpasswd::parse(&path, &text, plaintext) {
-                Ok((file, warnings)) => {
-                    htpasswd = Some(Arc::new(file));
-                    self.warnings.extend(warnings.into_iter().map(|w| w.0));
-                }
-                Err(mut e) => self.errors.append(&mut e),
-            },
-            Err(e) => self.err(
-                raw,
-                format!("htpasswd_file: cannot read {}: {e}", path.display()),
-            ),
-        }
-        (Some(path), htpasswd)
+        let (path, text) = self.read_named(raw, "htpasswd_file");
+        let users = match text.map(|t| Htpasswd::parse(&path, &t, plaintext)) {
+            Some(Ok((file, warnings))) => {
+                self.warnings.extend(warnings.into_iter().map(|w| w.0));
+                Some(Arc::new(file))
+            }
+            Some(Err(mut e)) => {
+                self.errors.append(&mut e);
+                None
+            }
+            None => None,
+        };
+        (Some(path), users)
     }
 
     /// `api_key_headers`, `identity_header` and `realm`.
