@@ -51,6 +51,9 @@ pub enum Reject {
     ForbiddenNetwork,
     #[error("payload too large")]
     PayloadTooLarge,
+    /// Request line and headers over `max_header_bytes`.
+    #[error("headers too large")]
+    HeadersTooLarge,
     /// Malformed or ambiguous request (bad path, smuggling shapes).
     #[error("bad request")]
     BadRequest,
@@ -75,6 +78,7 @@ impl Reject {
             Reject::Banned { .. } | Reject::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Reject::Forbidden | Reject::ForbiddenNetwork => StatusCode::FORBIDDEN,
             Reject::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Reject::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Reject::BadRequest => StatusCode::BAD_REQUEST,
             Reject::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Reject::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -94,6 +98,7 @@ impl Reject {
             Reject::Forbidden => "forbidden",
             Reject::ForbiddenNetwork => "forbidden_network",
             Reject::PayloadTooLarge => "payload_too_large",
+            Reject::HeadersTooLarge => "headers_too_large",
             Reject::BadRequest => "bad_request",
             Reject::UpstreamUnavailable => "upstream_unavailable",
             Reject::UpstreamTimeout => "upstream_timeout",
@@ -116,6 +121,7 @@ impl Reject {
             Reject::Forbidden => "This key may not access this method and path.",
             Reject::ForbiddenNetwork => "Requests from this network are not accepted.",
             Reject::PayloadTooLarge => "The request body is too large.",
+            Reject::HeadersTooLarge => "The request line and headers are too large.",
             Reject::BadRequest => "The request is malformed.",
             Reject::UpstreamUnavailable => "The service is unavailable.",
             Reject::UpstreamTimeout => "The service did not answer in time.",
@@ -139,6 +145,7 @@ impl Reject {
             Reject::Forbidden => "forbidden",
             Reject::ForbiddenNetwork => "forbidden_network",
             Reject::PayloadTooLarge => "payload_too_large",
+            Reject::HeadersTooLarge => "headers_too_large",
             Reject::BadRequest => "bad_request",
             Reject::UpstreamUnavailable => "upstream_error",
             Reject::UpstreamTimeout => "upstream_timeout",
@@ -156,11 +163,14 @@ impl Reject {
             | Reject::BasicRequired(_)
             | Reject::BadPassword(_) => 16, // UNAUTHENTICATED
             Reject::Forbidden | Reject::ForbiddenNetwork => 7, // PERMISSION_DENIED
-            Reject::Banned { .. } | Reject::RateLimited { .. } | Reject::PayloadTooLarge => 8, // RESOURCE_EXHAUSTED
-            Reject::BadRequest => 3,           // INVALID_ARGUMENT
-            Reject::UpstreamUnavailable => 14, // UNAVAILABLE
-            Reject::UpstreamTimeout => 4,      // DEADLINE_EXCEEDED
-            Reject::UpgradeUnsupported => 12,  // UNIMPLEMENTED
+            Reject::Banned { .. }
+            | Reject::RateLimited { .. }
+            | Reject::PayloadTooLarge
+            | Reject::HeadersTooLarge => 8, // RESOURCE_EXHAUSTED
+            Reject::BadRequest => 3,                           // INVALID_ARGUMENT
+            Reject::UpstreamUnavailable => 14,                 // UNAVAILABLE
+            Reject::UpstreamTimeout => 4,                      // DEADLINE_EXCEEDED
+            Reject::UpgradeUnsupported => 12,                  // UNIMPLEMENTED
         }
     }
 
@@ -219,6 +229,7 @@ impl Reject {
             | Reject::Forbidden
             | Reject::ForbiddenNetwork
             | Reject::PayloadTooLarge
+            | Reject::HeadersTooLarge
             | Reject::BadRequest
             | Reject::UpstreamUnavailable
             | Reject::UpstreamTimeout
@@ -302,6 +313,7 @@ mod tests {
             Reject::Forbidden,
             Reject::ForbiddenNetwork,
             Reject::PayloadTooLarge,
+            Reject::HeadersTooLarge,
             Reject::BadRequest,
             Reject::UpstreamUnavailable,
             Reject::UpstreamTimeout,
@@ -385,6 +397,7 @@ mod tests {
             ),
             (Reject::Forbidden, 403, "forbidden", None),
             (Reject::PayloadTooLarge, 413, "payload_too_large", None),
+            (Reject::HeadersTooLarge, 431, "headers_too_large", None),
             (
                 Reject::BadRequest,
                 400,

@@ -97,17 +97,77 @@ pub fn te_has_trailers(headers: &HeaderMap) -> bool {
         })
 }
 
+/// Headers a backend may believe about where a request came from, how it arrived, or what it
+/// really asks for, beyond the ones portcullis sets: proxies and frameworks read them
+/// (`X-Forwarded-Port/-Prefix/-Server/-Scheme/-Ssl/-User`, `True-Client-IP`, `X-Client-IP`),
+/// rewrite the path by them (`X-Original-URL`, `X-Rewrite-URL`), or take them as the method
+/// (`X-HTTP-Method-Override` and kin: an allowed `POST` would become a `DELETE` the allow rules
+/// never saw). A client never sets them.
+static SPOOFABLE_MORE: [HeaderName; 13] = [
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-forwarded-server"),
+    HeaderName::from_static("x-forwarded-scheme"),
+    HeaderName::from_static("x-forwarded-ssl"),
+    HeaderName::from_static("x-forwarded-user"),
+    HeaderName::from_static("true-client-ip"),
+    HeaderName::from_static("x-client-ip"),
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+];
+
 /// Every header a client could send to pose as someone or somewhere else: removed from
 /// requests (with [`remove_all`]) before the proxy sets its own.
-pub fn spoofable(identity_header: &HeaderName) -> [HeaderName; 6] {
-    [
+pub fn spoofable(identity_header: &HeaderName) -> Vec<HeaderName> {
+    let mut names = vec![
         identity_header.clone(),
         X_FORWARDED_FOR.clone(),
         X_FORWARDED_PROTO.clone(),
         X_FORWARDED_HOST.clone(),
         X_REAL_IP.clone(),
         FORWARDED.clone(),
-    ]
+    ];
+    names.extend(SPOOFABLE_MORE.iter().cloned());
+    names
+}
+
+/// Remove every header whose name has an underscore. CGI, WSGI, PHP and many frameworks file
+/// `X_Authenticated_User` under the same `HTTP_X_AUTHENTICATED_USER` key as
+/// `X-Authenticated-User`, so such a spelling could pose as any header portcullis protects;
+/// nginx ignores these names by default (`underscores_in_headers off`) for the same reason.
+/// Fails closed: every underscored name goes, whatever it is.
+pub fn remove_underscored(headers: &mut HeaderMap) {
+    if !headers.keys().any(|n| n.as_str().contains('_')) {
+        return;
+    }
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| n.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for name in names {
+        headers.remove(name);
+    }
+}
+
+/// HTTP/2 may split `Cookie` into one field per cookie; an HTTP/1.1 backend must get them as
+/// one line, joined with "; " (RFC 9113 §8.2.3).
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    if values.next().is_none() || values.next().is_none() {
+        return;
+    }
+    let joined: Vec<&[u8]> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect();
+    if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+        headers.insert(header::COOKIE, v);
+    }
 }
 
 /// What the proxy tells the backend about the request.

@@ -2,12 +2,13 @@
 //! `X-Forwarded-For`, and `max_connections_per_ip`.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use http::HeaderMap;
 use ipnet::IpNet;
 
+use crate::ban::ClientKey;
 use crate::headers::X_FORWARDED_FOR;
 
 #[derive(Debug, Clone, Default)]
@@ -36,8 +37,11 @@ impl NetPolicy {
 
     /// The client a request is for: the socket peer, unless the peer is a trusted proxy; then
     /// `X-Forwarded-For` is walked from the right past trusted hops, and the first address that
-    /// is not a trusted proxy is the client. A malformed entry stops the walk at the last
-    /// address known good, so a forged header can never name an arbitrary client.
+    /// is not a trusted proxy is the client. Entries may carry a port (`192.0.2.7:51234`,
+    /// `[2001:db8::7]:443`, as some load balancers write them). A malformed entry stops the
+    /// walk at the last address known good, so a forged header can never name an arbitrary
+    /// client; when that address is a trusted proxy's, callers must not key a ban or an
+    /// address limit on it ([`NetPolicy::is_trusted`]).
     pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
         let peer = canonical(peer);
         if !self.is_trusted(peer) {
@@ -51,7 +55,7 @@ impl NetPolicy {
             .flat_map(|v| v.split(','))
             .collect();
         for hop in hops.iter().rev() {
-            let Ok(ip) = hop.trim().parse::<IpAddr>() else {
+            let Some(ip) = parse_hop(hop) else {
                 return client;
             };
             client = canonical(ip);
@@ -78,18 +82,31 @@ impl NetPolicy {
     }
 }
 
-/// Open connections per client address, with a limit.
+/// One `X-Forwarded-For` entry: an address, with or without a port, possibly quoted.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim().trim_matches('"');
+    if let Ok(ip) = hop.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(addr) = hop.parse::<SocketAddr>() {
+        return Some(addr.ip());
+    }
+    hop.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
+}
+
+/// Open connections per client (an IPv4 address, or an IPv6 /64 as bans and limits count it:
+/// one host rotating addresses inside its /64 is one client), with a limit.
 #[derive(Debug)]
 pub struct PerIp {
     limit: u32,
-    open: Mutex<HashMap<IpAddr, u32>>,
+    open: Mutex<HashMap<ClientKey, u32>>,
 }
 
 /// One connection's place in its address's count; released on drop.
 #[derive(Debug)]
 pub struct IpSlot {
     owner: Arc<PerIp>,
-    ip: IpAddr,
+    client: ClientKey,
 }
 
 impl PerIp {
@@ -102,16 +119,16 @@ impl PerIp {
 
     /// A slot for one more connection from `ip`, or `None` when it already has `limit`.
     pub fn take(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
-        let ip = canonical(ip);
+        let client = ClientKey::of(canonical(ip));
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let n = open.entry(ip).or_insert(0);
+        let n = open.entry(client).or_insert(0);
         if *n >= self.limit {
             return None;
         }
         *n += 1;
         Some(IpSlot {
             owner: self.clone(),
-            ip,
+            client,
         })
     }
 }
@@ -119,10 +136,10 @@ impl PerIp {
 impl Drop for IpSlot {
     fn drop(&mut self) {
         let mut open = self.owner.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = open.get_mut(&self.ip) {
+        if let Some(n) = open.get_mut(&self.client) {
             *n -= 1;
             if *n == 0 {
-                open.remove(&self.ip);
+                open.remove(&self.client);
             }
         }
     }

@@ -325,32 +325,35 @@ fn attempt<T>(
     label: &'static str,
     parse: impl FnOnce(&Path, &str) -> Result<T, Vec<Diagnostic>>,
 ) -> Attempt<T> {
+    // The status is locked only to read and to record: /readyz and /metrics read it from the
+    // runtime, which must never wait for a file to settle or parse.
+    let (path, last_good) = {
+        let st = status.lock().unwrap_or_else(|p| p.into_inner());
+        (st.file.clone(), st.content)
+    };
+    let outcome = read_settled(&path, last_good).and_then(|read| match read {
+        None => Ok(None),
+        Some((bytes, content)) => {
+            let text = String::from_utf8(bytes)
+                .map_err(|_| format!("{}: not UTF-8 text", path.display()))?;
+            match parse(&path, &text) {
+                Ok(loaded) => Ok(Some((loaded, content))),
+                Err(diagnostics) => {
+                    let text: Vec<String> = diagnostics.iter().map(|d| d.to_string()).collect();
+                    Err(text.join("; "))
+                }
+            }
+        }
+    });
     let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
-    let path = st.file.clone();
-    let failed = |st: &mut FileStatus, error: String| {
-        tracing::error!(event = "reload", file = label, path = %path.display(), result = "error", error = %error, "{label} not reloaded; the previous set stays in force");
-        st.ok = false;
-        st.error = Some(error);
-        st.reloads_failed += 1;
-        Attempt::Failed
-    };
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) => return failed(&mut st, format!("{}: cannot read: {e}", path.display())),
-    };
-    let content: [u8; 32] = Sha256::digest(&bytes).into();
-    if st.content == Some(content) {
+    match outcome {
         // The last good content, again (possibly after a failed attempt): nothing to swap.
-        st.ok = true;
-        st.error = None;
-        return Attempt::Unchanged;
-    }
-    let text = match String::from_utf8(bytes) {
-        Ok(t) => t,
-        Err(_) => return failed(&mut st, format!("{}: not UTF-8 text", path.display())),
-    };
-    match parse(&path, &text) {
-        Ok(loaded) => {
+        Ok(None) => {
+            st.ok = true;
+            st.error = None;
+            Attempt::Unchanged
+        }
+        Ok(Some((loaded, content))) => {
             st.content = Some(content);
             st.ok = true;
             st.error = None;
@@ -359,11 +362,48 @@ fn attempt<T>(
             st.last_success = SystemTime::now();
             Attempt::Loaded(loaded)
         }
-        Err(diagnostics) => {
-            let text: Vec<String> = diagnostics.iter().map(|d| d.to_string()).collect();
-            failed(&mut st, text.join("; "))
+        Err(error) => {
+            tracing::error!(event = "reload", file = label, path = %path.display(), result = "error", error = %error, "{label} not reloaded; the previous set stays in force");
+            st.ok = false;
+            st.error = Some(error);
+            st.reloads_failed += 1;
+            Attempt::Failed
         }
     }
+}
+
+/// A settled file's bytes and their SHA-256.
+type Settled = (Vec<u8>, [u8; 32]);
+
+/// How many times a changing file is read again, [`DEBOUNCE`] apart, before the attempt gives
+/// up until its next change.
+const SETTLE_READS: u32 = 10;
+
+/// The file's content once it has settled: the same bytes on two reads [`DEBOUNCE`] apart, so
+/// a file being rewritten in place, with pauses, is never used half-written (a restricted key
+/// whose `allow` line is not written yet must not pass as unrestricted). `Ok(None)` when the
+/// content is the last good one. Blocking: sleeps between reads.
+fn read_settled(path: &Path, last_good: Option<[u8; 32]>) -> Result<Option<Settled>, String> {
+    let read = || std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()));
+    let mut bytes = read()?;
+    let mut content: [u8; 32] = Sha256::digest(&bytes).into();
+    for _ in 0..SETTLE_READS {
+        if last_good == Some(content) {
+            return Ok(None);
+        }
+        std::thread::sleep(DEBOUNCE);
+        let again = read()?;
+        let again_content: [u8; 32] = Sha256::digest(&again).into();
+        if again_content == content {
+            return Ok(Some((bytes, content)));
+        }
+        (bytes, content) = (again, again_content);
+    }
+    Err(format!(
+        "{}: still changing after {} reads {DEBOUNCE:?} apart; read again at its next change",
+        path.display(),
+        SETTLE_READS + 1
+    ))
 }
 
 /// A credential a swap took away, for the audit line.

@@ -147,6 +147,14 @@ impl StreamGuard {
     pub fn revoked(&self) -> &CancellationToken {
         &self.cancel
     }
+
+    /// Revoke this stream alone: its credential was found no longer valid as it started.
+    pub fn revoke(&self) {
+        if !self.cancel.is_cancelled() {
+            self.cancel.cancel();
+            self.streams.revoked.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Drop for StreamGuard {

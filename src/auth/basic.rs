@@ -7,8 +7,10 @@
 //!   brute-force offline). A changed entry therefore never matches an old cache line. Failures
 //!   are never cached. The cache is bounded; the oldest entries go first.
 //! - Concurrent verifications of the same credentials compute once.
-//! - An unknown user is verified against a decoy of the file's costliest scheme, so response
-//!   time does not tell which names exist.
+//! - An unknown user is verified against a decoy of the file's costliest scheme, and every
+//!   uncached verification answers no sooner than that scheme takes here (measured once per
+//!   file, padded with an async wait that costs no CPU), so response time tells neither which
+//!   names exist nor which hash a user has.
 //! - One client may have at most [`MAX_SLOW_PER_CLIENT`] slow verifications of distinct
 //!   credentials in flight; more are refused with 429 before any hash is computed. Requests
 //!   that join a verification already running do not count.
@@ -86,27 +88,76 @@ impl BasicVerifier {
     /// Check `user`'s `password` against `file`.
     pub async fn verify(
         &self,
-        file: &Htpasswd,
+        file: &Arc<Htpasswd>,
         user: &str,
         password: &[u8],
         client: IpAddr,
         now: Instant,
     ) -> Verdict {
+        let started = Instant::now();
         let Some((entry, known)) = file.user_or_decoy(user) else {
             return Verdict::Invalid;
         };
         if !entry.hash.is_slow() {
             self.computed.fetch_add(1, Ordering::Relaxed);
-            return if entry.hash.verify(password) && known {
+            let verdict = if entry.hash.verify(password) && known {
                 Verdict::Valid
             } else {
                 Verdict::Invalid
             };
+            return self
+                .no_sooner_than_the_costliest(file, started, verdict)
+                .await;
         }
         let key = self.cache_key(user, password, &entry.stored);
         if known && self.cached(&key, now) {
             return Verdict::Valid;
         }
+        let verdict = self
+            .compute(&entry, known, key, password, client, now)
+            .await;
+        match verdict {
+            Verdict::Throttled => verdict,
+            Verdict::Valid | Verdict::Invalid => {
+                self.no_sooner_than_the_costliest(file, started, verdict)
+                    .await
+            }
+        }
+    }
+
+    /// Hold an uncached verdict until the file's costliest scheme would have taken since
+    /// `started` (a cheap hash beside bcrypt must not answer faster than an unknown name).
+    /// The cost is measured once per file, on the blocking pool.
+    async fn no_sooner_than_the_costliest(
+        &self,
+        file: &Arc<Htpasswd>,
+        started: Instant,
+        verdict: Verdict,
+    ) -> Verdict {
+        let cost = match file.cost() {
+            Some(cost) => cost,
+            None => {
+                let file = file.clone();
+                tokio::task::spawn_blocking(move || file.measure_cost())
+                    .await
+                    .unwrap_or_default()
+            }
+        };
+        tokio::time::sleep_until((started + cost).into()).await;
+        verdict
+    }
+
+    /// A slow verification: computed once for concurrent identical credentials, within the
+    /// client's slots and the CPU budget; a success is remembered.
+    async fn compute(
+        &self,
+        entry: &super::htpasswd::User,
+        known: bool,
+        key: [u8; 32],
+        password: &[u8],
+        client: IpAddr,
+        now: Instant,
+    ) -> Verdict {
         // Joining a verification of the same credentials already running costs no CPU: only
         // a new computation takes one of the client's slots. (A client whose connection pool
         // opens with a burst of identical requests is served, not refused.)
@@ -216,12 +267,12 @@ mod tests {
     use super::*;
     use std::path::Path;
 
-    fn file(text: &str) -> Htpasswd {
-        Htpasswd::parse(Path::new("h"), text, false).unwrap().0
+    fn file(text: &str) -> Arc<Htpasswd> {
+        Arc::new(Htpasswd::parse(Path::new("h"), text, false).unwrap().0)
     }
 
     /// A user "kim" with password "right", freshly salted each call.
-    fn bcrypt_file() -> Htpasswd {
+    fn bcrypt_file() -> Arc<Htpasswd> {
         file(&format!("kim:{}\n", bcrypt::hash("right", 4).unwrap()))
     }
 

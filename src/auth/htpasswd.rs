@@ -308,6 +308,9 @@ pub struct Htpasswd {
     /// What an unknown user's password is checked against, so that an unknown name costs
     /// what a known one does.
     decoy: Option<Arc<User>>,
+    /// How long one verification of the costliest scheme takes here, measured once on first
+    /// use: the least time any uncached verification answers in.
+    cost: Arc<std::sync::OnceLock<std::time::Duration>>,
 }
 
 /// Something worth telling the operator that does not stop the file from loading.
@@ -394,7 +397,14 @@ impl Htpasswd {
             .values()
             .max_by_key(|u| (u.hash.is_slow(), cost_rank(&u.hash)))
             .map(|u| Arc::new(User::new(String::new(), u.hash.decoy(), 0)));
-        Ok((Htpasswd { users, decoy }, warnings))
+        Ok((
+            Htpasswd {
+                users,
+                decoy,
+                cost: Arc::default(),
+            },
+            warnings,
+        ))
     }
 
     pub fn user(&self, name: &str) -> Option<&Arc<User>> {
@@ -408,6 +418,25 @@ impl Htpasswd {
             Some(u) => Some((u.clone(), true)),
             None => self.decoy.clone().map(|d| (d, false)),
         }
+    }
+
+    /// How long a verification of the file's costliest scheme takes, once measured.
+    pub fn cost(&self) -> Option<std::time::Duration> {
+        self.cost.get().copied()
+    }
+
+    /// Measure [`Htpasswd::cost`] with one verification of the decoy (blocking: it computes
+    /// the costliest hash once); later calls return the first measure.
+    pub fn measure_cost(&self) -> std::time::Duration {
+        *self.cost.get_or_init(|| {
+            let started = std::time::Instant::now();
+            if let Some(decoy) = &self.decoy {
+                decoy
+                    .hash
+                    .verify(b"portcullis: timing the costliest scheme");
+            }
+            started.elapsed()
+        })
     }
 
     /// Every user, in no particular order.

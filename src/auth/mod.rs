@@ -69,6 +69,27 @@ impl Snapshot {
     }
 }
 
+/// An identity with what it was verified against, so that a stream that starts later can be
+/// checked against the credentials in force by then.
+pub struct Verified {
+    pub identity: Identity,
+    /// The snapshot generation the credential was checked in.
+    generation: u64,
+    /// For an htpasswd user: the file it was verified against.
+    users: Option<Arc<Htpasswd>>,
+}
+
+impl Verified {
+    /// A request no credential was asked of (`public_paths`).
+    pub fn public() -> Verified {
+        Verified {
+            identity: Identity::Anonymous,
+            generation: 0,
+            users: None,
+        }
+    }
+}
+
 /// Authentication's long-lived state: the credentials in force (swapped by the reloader), the
 /// bans, and the Basic verification cache.
 pub struct Auth {
@@ -96,26 +117,51 @@ impl Auth {
 
     /// Who the request is. A banned client is refused before any credential is looked at
     /// (no hash is computed for it); presented credentials that fail count toward a ban.
-    /// `client_cert`: the verified client certificate's identity (mTLS), if any.
+    /// `client_cert`: the verified client certificate's identity (mTLS), if any. `ban_subject`:
+    /// the address bans are kept for, `None` when the client is a trusted proxy (which stands
+    /// for everyone behind it, so it is never banned).
     pub async fn authenticate(
         &self,
         headers: &HeaderMap,
         client_cert: Option<&Arc<str>>,
         client: IpAddr,
-    ) -> Result<Identity, Reject> {
+        ban_subject: Option<IpAddr>,
+    ) -> Result<Verified, Reject> {
         let now = Instant::now();
-        if let Some(left) = self.bans.banned_for(client, now).await {
-            return Err(Reject::Banned {
-                retry_after: left.as_secs_f64().ceil() as u64,
-            });
+        if let Some(ip) = ban_subject {
+            if let Some(left) = self.bans.banned_for(ip, now).await {
+                return Err(Reject::Banned {
+                    retry_after: left.as_secs_f64().ceil() as u64,
+                });
+            }
         }
         let result = self.check(headers, client_cert, client, now).await;
-        if let Err(reject) = &result {
+        if let (Err(reject), Some(ip)) = (&result, ban_subject) {
             if reject.counts_toward_ban() {
-                self.bans.record_failure(client, now).await;
+                self.bans.record_failure(ip, now).await;
             }
         }
         result
+    }
+
+    /// Whether `v`'s credential may still be used `now` under the credentials in force: a key
+    /// still enabled and unexpired, a user still in the file with the same hash. Asked when a
+    /// stream starts, after it is registered: a revocation that came while the backend was
+    /// answering is seen here, one that comes later closes the registered stream. Fails
+    /// closed: a user whose entry cannot be compared is taken as changed.
+    pub fn still_valid(&self, v: &Verified, now: SystemTime) -> bool {
+        let current = self.credentials.load();
+        match &v.identity {
+            Identity::Key(k) => current.keys.usable(k.digest(), now),
+            Identity::User(name) if current.generation != v.generation => {
+                let stored = |file: Option<&Arc<Htpasswd>>| {
+                    file.and_then(|f| f.user(name)).map(|u| u.stored.clone())
+                };
+                let then = stored(v.users.as_ref());
+                then.is_some() && then == stored(current.htpasswd.as_ref())
+            }
+            Identity::User(_) | Identity::ClientCert(_) | Identity::Anonymous => true,
+        }
     }
 
     /// One dispatch by the credential presented.
@@ -125,32 +171,41 @@ impl Auth {
         client_cert: Option<&Arc<str>>,
         client: IpAddr,
         now: Instant,
-    ) -> Result<Identity, Reject> {
+    ) -> Result<Verified, Reject> {
         let snapshot = self.credentials.load();
+        let verified = |identity: Identity| Verified {
+            users: match identity {
+                Identity::User(_) => snapshot.htpasswd.clone(),
+                _ => None,
+            },
+            generation: snapshot.generation,
+            identity,
+        };
         let auth = Authenticator {
             keys: &snapshot.keys,
             api_key_headers: &self.api_key_headers,
             anonymous: self.anonymous,
             basic_realm: snapshot.htpasswd.as_ref().map(|_| &self.realm),
         };
-        match auth.extract(headers)? {
+        let identity = match auth.extract(headers)? {
             None => match client_cert {
                 // The handshake verified the certificate against client_ca.
-                Some(name) if self.client_cert_identity => Ok(Identity::ClientCert(name.clone())),
-                _ => auth.without_credentials(),
+                Some(name) if self.client_cert_identity => Identity::ClientCert(name.clone()),
+                _ => auth.without_credentials()?,
             },
-            Some(Credential::ApiKey(token)) => auth.check_key(token, SystemTime::now()),
+            Some(Credential::ApiKey(token)) => auth.check_key(token, SystemTime::now())?,
             Some(Credential::Basic { user, password }) => {
                 let Some(file) = &snapshot.htpasswd else {
                     return Err(Reject::InvalidScheme);
                 };
                 match self.basic.verify(file, &user, &password, client, now).await {
-                    Verdict::Valid => Ok(Identity::User(user.into())),
-                    Verdict::Invalid => Err(Reject::BadPassword(self.realm.clone())),
-                    Verdict::Throttled => Err(Reject::RateLimited { retry_after: 1 }),
+                    Verdict::Valid => Identity::User(user.into()),
+                    Verdict::Invalid => return Err(Reject::BadPassword(self.realm.clone())),
+                    Verdict::Throttled => return Err(Reject::RateLimited { retry_after: 1 }),
                 }
             }
-        }
+        };
+        Ok(verified(identity))
     }
 }
 

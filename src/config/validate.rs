@@ -102,8 +102,14 @@ impl Validator<'_> {
     }
 
     pub(super) fn config(&mut self, raw: RawConfig) -> Option<Config> {
-        let server = self.server(raw.server.unwrap_or_default());
+        let raw_server = raw.server.unwrap_or_default();
+        let (admin_at, redirect_at) = (
+            raw_server.admin_listen.clone(),
+            raw_server.redirect_http.clone(),
+        );
+        let server = self.server(raw_server);
         let tls = raw.tls.and_then(|t| self.tls(t));
+        self.listeners(&server, tls.is_some(), &admin_at, &redirect_at);
         let upstream = match raw.upstream {
             Some(u) => self.upstream(u),
             None => {
@@ -186,6 +192,55 @@ impl Validator<'_> {
                 .redirect_http
                 .as_ref()
                 .map(|_| self.addr(&r.redirect_http, "redirect_http", "0.0.0.0:8080")),
+        }
+    }
+
+    /// How the listeners fit together: the admin listener apart from the public one, and on
+    /// loopback unless the operator means otherwise (warned: `/keys` and `/metrics` are then
+    /// reachable from the network); `redirect_http` only where there is https to redirect to.
+    fn listeners(
+        &mut self,
+        server: &ServerConfig,
+        tls: bool,
+        admin_at: &S<String>,
+        redirect_at: &S<String>,
+    ) {
+        let admin = server.admin_listen;
+        let same_port = |a: SocketAddr| {
+            a.port() == admin.port()
+                && (a.ip() == admin.ip() || a.ip().is_unspecified() || admin.ip().is_unspecified())
+        };
+        let refuse = |v: &mut Self, at: &S<String>, message: String| match at {
+            Some(at) => v.err(at, message),
+            None => v.err_top(message),
+        };
+        if admin.port() != 0 && same_port(server.listen) {
+            refuse(
+                self,
+                admin_at,
+                format!("admin_listen {admin} is the public listener's address: give the admin endpoints their own, e.g. \"127.0.0.1:9901\""),
+            );
+        }
+        if !admin.ip().is_loopback() {
+            self.warnings.push(format!(
+                "{}: admin_listen {admin} is not a loopback address: /keys, /metrics and /readyz are reachable from the network (they answer only Hosts that are IP addresses or localhost); keep it on 127.0.0.1 unless probes need it",
+                self.src.path.display()
+            ));
+        }
+        if let Some(redirect) = server.redirect_http {
+            if !tls {
+                refuse(
+                    self,
+                    redirect_at,
+                    "redirect_http sends clients to https, but there is no [tls]: the public listener speaks plain HTTP; add [tls] or remove redirect_http".into(),
+                );
+            } else if redirect.port() != 0 && same_port(server.listen) {
+                refuse(
+                    self,
+                    redirect_at,
+                    format!("redirect_http {redirect} is the public listener's address"),
+                );
+            }
         }
     }
 

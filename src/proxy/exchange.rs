@@ -46,12 +46,17 @@ pub struct Exchange {
     finished: bool,
     /// Who the request authenticated as, once known.
     pub(super) cred: Option<CredId>,
+    /// What the credential was verified against, until a stream it opens is registered.
+    pub(super) verified: Option<crate::auth::Verified>,
     /// A gRPC request: refusals are answered the gRPC way.
     pub(super) grpc: bool,
     /// Both halves of an accepted WebSocket upgrade: the client's and the backend's.
     pub(super) tunnel: Option<(hyper::upgrade::OnUpgrade, hyper::upgrade::OnUpgrade)>,
     /// The client: the socket peer, or what a trusted proxy says it forwarded for.
     pub(super) client: IpAddr,
+    /// The client is one of `trusted_proxies` (nobody is named behind it): never the key of a
+    /// ban or an address limit.
+    pub(super) client_trusted: bool,
     /// The rate limit verdict, for the `RateLimit` headers.
     pub(super) rate: Option<crate::ratelimit::Decision>,
 }
@@ -96,8 +101,10 @@ impl Exchange {
             unread_body,
             finished: false,
             cred: None,
+            verified: None,
             grpc,
             tunnel: None,
+            client_trusted: proxy.config.server.net.is_trusted(client),
             client,
             rate: None,
         }

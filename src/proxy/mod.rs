@@ -26,14 +26,14 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 
 use crate::access_log::AccessLogger;
-use crate::auth::{Auth, CredId, Identity};
+use crate::auth::{Auth, CredId, Identity, Verified};
 use crate::config::{Config, HostHeader, UpstreamProtocol};
 use crate::conn::ConnInfo;
 use crate::error::Reject;
 use crate::headers::{self, RequestIds, X_REQUEST_ID};
 use crate::metrics::Metrics;
 use crate::ratelimit::{RateLimits, Subject};
-use crate::streams::{StreamKind, Streams};
+use crate::streams::{StreamGuard, StreamKind, Streams};
 pub use exchange::{Exchange, LoggedBody};
 use tunnel::{Limits, Upgrade, Watch};
 use upstream::{ClientBody, Upstream};
@@ -51,6 +51,9 @@ pub struct Proxy {
     /// What a request loses on its way to the backend: what a client could spoof, and its
     /// credentials unless `pass_credentials`.
     request_strip: Vec<HeaderName>,
+    /// What a request's trailers lose: the same, and every credential header always (a
+    /// trailer is never the credential that was verified).
+    trailer_strip: Arc<[HeaderName]>,
     proto: &'static str,
     /// The public listener terminates TLS.
     tls: bool,
@@ -77,12 +80,16 @@ impl Proxy {
         streams: Arc<Streams>,
         rate: Arc<RateLimits>,
     ) -> Proxy {
-        let mut request_strip = headers::spoofable(&config.auth.identity_header).to_vec();
+        let mut request_strip = headers::spoofable(&config.auth.identity_header);
         if !config.upstream.pass_credentials {
             request_strip.extend(config.auth.api_key_headers.iter().cloned());
             request_strip.push(header::AUTHORIZATION);
         }
+        let mut trailer_strip = headers::spoofable(&config.auth.identity_header);
+        trailer_strip.extend(config.auth.api_key_headers.iter().cloned());
+        trailer_strip.push(header::AUTHORIZATION);
         Proxy {
+            trailer_strip: trailer_strip.into(),
             request_strip,
             upstream: Upstream::new(&config.upstream),
             auth,
@@ -119,8 +126,8 @@ impl Proxy {
                 ex.record.outcome = "ok";
                 if ex.tunnel.is_none() {
                     if let Some(kind) = stream_kind(&resp) {
-                        let cred = ex.cred.clone().unwrap_or(CredId::Anonymous);
-                        watch = Some(Watch::new(self.streams.register(cred, kind), self.limits));
+                        let guard = self.register_stream(&mut ex, kind);
+                        watch = Some(Watch::new(guard, self.limits));
                     }
                 }
                 resp.map(Either::Left)
@@ -174,6 +181,26 @@ impl Proxy {
         resp
     }
 
+    /// Register a stream under its credential, then check that credential against the
+    /// credentials in force now: in this order, a revocation is never missed, whether it came
+    /// while the backend was answering (seen here: the stream is revoked at once) or comes
+    /// later (the registry closes it).
+    fn register_stream(&self, ex: &mut Exchange, kind: StreamKind) -> StreamGuard {
+        let cred = ex.cred.clone().unwrap_or(CredId::Anonymous);
+        let guard = self.streams.register(cred, kind);
+        if let Some(verified) = ex.verified.take() {
+            if !self.auth.still_valid(&verified, SystemTime::now()) {
+                tracing::info!(
+                    event = "credential_revoked",
+                    request_id = %ex.record.request_id,
+                    "credential no longer valid as its stream starts: stream closed"
+                );
+                guard.revoke();
+            }
+        }
+        guard
+    }
+
     /// Copy bytes both ways once both sides have upgraded, registered under the credential;
     /// the access log line is written when the tunnel ends, with what it moved. The tunnel
     /// holds the connection's slot (`conn`) until then.
@@ -184,8 +211,7 @@ impl Proxy {
         mut ex: Exchange,
         conn: Arc<ConnInfo>,
     ) {
-        let cred = ex.cred.clone().unwrap_or(CredId::Anonymous);
-        let guard = self.streams.register(cred, StreamKind::WebSocket);
+        let guard = self.register_stream(&mut ex, StreamKind::WebSocket);
         let (limits, force) = (self.limits, self.streams.force.clone());
         self.streams.tracker.spawn(async move {
             let (end, moved) = tunnel::run(client, upstream, guard, limits, force).await;
@@ -211,20 +237,39 @@ impl Proxy {
             .public_paths
             .iter()
             .any(|p| p.matches(&admitted.path));
-        let identity = if public {
-            Identity::Anonymous
+        let verified = if public {
+            Verified::public()
         } else {
+            // Never a ban keyed on a trusted proxy's own address: it stands for everyone behind it.
+            let ban_subject = (!ex.client_trusted).then_some(ex.client);
             self.auth
-                .authenticate(&parts.headers, conn.client_cert.as_ref(), ex.client)
+                .authenticate(
+                    &parts.headers,
+                    conn.client_cert.as_ref(),
+                    ex.client,
+                    ban_subject,
+                )
                 .await?
         };
+        let identity = &verified.identity;
         ex.record.identity = Some(identity.clone());
         ex.cred = Some(identity.id());
-        Proxy::authorize(&identity, &parts.method, &admitted.path)?;
-        self.rate_limit(&identity, ex).await?;
+        // A WebSocket over HTTP/2 (CONNECT) is judged as the GET it becomes toward the backend,
+        // so one rule covers it over both HTTP versions.
+        let method = match &admitted.upgrade {
+            Some((Upgrade::ExtendedConnect, _)) => &Method::GET,
+            _ => &parts.method,
+        };
+        Proxy::authorize(identity, method, &admitted.path)?;
+        self.rate_limit(identity, ex).await?;
         let how = admitted.upgrade.as_ref().map(|(how, _)| *how);
-        self.rewrite(&mut parts, &admitted.path, &identity, how, conn, ex)?;
-        let body = ClientBody::new(body, self.config.server.max_body_bytes);
+        self.rewrite(&mut parts, &admitted.path, identity, how, conn, ex)?;
+        ex.verified = Some(verified);
+        let body = ClientBody::new(
+            body,
+            self.config.server.max_body_bytes,
+            self.trailer_strip.clone(),
+        );
         ex.unread_body = false;
         let resp = self
             .upstream
@@ -238,8 +283,9 @@ impl Proxy {
     }
 
     /// What is refused before anyone is asked who the client is: CONNECT other than
-    /// WebSocket's, framing that intermediaries disagree about, a path that is ambiguous once
-    /// decoded, a network outside `allow_cidrs`, a declared body over `max_body_bytes`.
+    /// WebSocket's, a head over `max_header_bytes`, an HTTP/1.1 request without exactly one
+    /// Host, framing that intermediaries disagree about, a path that is ambiguous once decoded,
+    /// a network outside `allow_cidrs`, a declared body over `max_body_bytes`.
     fn admit(&self, req: &mut Request<Incoming>, ex: &mut Exchange) -> Result<Admitted, Reject> {
         let how = tunnel::websocket_upgrade(req);
         if how.is_none() && req.method() == Method::CONNECT {
@@ -248,7 +294,16 @@ impl Proxy {
         }
         // Taken before the request is split (hyper keeps the upgrade in its extensions).
         let upgrade = how.map(|how| (how, hyper::upgrade::on(&mut *req)));
+        if head_size(req) > self.config.server.max_header_bytes {
+            return Err(Reject::HeadersTooLarge);
+        }
         let h = req.headers();
+        // RFC 9112 §3.2: an HTTP/1.1 request has exactly one Host; none or two is a 400 (which
+        // Host would a backend or a cache believe?). HTTP/1.0 may omit it.
+        let hosts = h.get_all(header::HOST).iter().count();
+        if hosts > 1 || (hosts == 0 && req.version() == Version::HTTP_11) {
+            return Err(Reject::BadRequest);
+        }
         if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
             return Err(Reject::BadRequest);
         }
@@ -292,6 +347,10 @@ impl Proxy {
             Identity::User(_) | Identity::ClientCert(_) | Identity::Anonymous => (None, None),
         };
         let subject = Subject::of(ex.cred.as_ref(), ex.client);
+        if ex.client_trusted && matches!(subject, Subject::Address(_)) {
+            // Never a limit keyed on a trusted proxy's own address (see NetPolicy::client_ip).
+            return Ok(());
+        }
         if let Some(decision) = self.rate.check(&subject, per_second, burst).await {
             ex.rate = Some(decision);
             if !decision.allowed {
@@ -336,8 +395,15 @@ impl Proxy {
             }
             tunnel::to_http1_handshake(how, &mut parts.method, &mut parts.extensions, h);
         }
+        if parts.version == Version::HTTP_2 && up.protocol == UpstreamProtocol::Http1 {
+            headers::join_cookies(h);
+        }
         let forwarded_chain = self.config.server.net.incoming_chain(conn.peer.ip(), h);
         headers::remove_all(h, &self.request_strip);
+        headers::remove_underscored(h);
+        if up.pass_credentials {
+            self.keep_only_verified_credential(h, identity);
+        }
         headers::set_forwarded(
             h,
             &headers::Forwarded {
@@ -371,6 +437,26 @@ impl Proxy {
         Ok(())
     }
 
+    /// With `pass_credentials`, the backend gets the credential that was verified and no other:
+    /// the header authentication read (the first of `api_key_headers` present, or
+    /// `Authorization` for Basic), none at all for an anonymous or certificate identity.
+    fn keep_only_verified_credential(&self, h: &mut http::HeaderMap, identity: &Identity) {
+        let names = &self.config.auth.api_key_headers;
+        let verified = match identity {
+            Identity::Key(_) | Identity::User(_) => names
+                .iter()
+                .find(|n| h.contains_key(*n))
+                .cloned()
+                .or(Some(header::AUTHORIZATION)),
+            Identity::ClientCert(_) | Identity::Anonymous => None,
+        };
+        for name in names.iter().chain([&header::AUTHORIZATION]) {
+            if verified.as_ref() != Some(name) {
+                h.remove(name);
+            }
+        }
+    }
+
     /// The backend's answer: hop-by-hop headers removed; a 101 to an upgrade the client asked
     /// for becomes the client's tunnel (a 200 for HTTP/2's extended CONNECT); a 101 nobody
     /// asked for is the backend's protocol error.
@@ -397,6 +483,21 @@ impl Proxy {
         }
         Ok(resp)
     }
+}
+
+/// The size of the request line and headers as HTTP/1.1 writes them (for HTTP/2, the same
+/// measure of its header list): what `max_header_bytes` bounds.
+fn head_size<B>(req: &Request<B>) -> usize {
+    let uri = req.uri();
+    let target = uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len());
+    let line = req.method().as_str().len() + 1 + target + " HTTP/1.1\r\n".len();
+    let fields: usize = req
+        .headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + 2 + v.len() + 2)
+        .sum();
+    line + fields + 2
 }
 
 /// Whether a response is a stream to register: SSE, or any body of unknown length.

@@ -3,11 +3,12 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::uri::PathAndQuery;
-use http::{HeaderValue, Request, Response, Uri};
+use http::{HeaderName, HeaderValue, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -106,11 +107,20 @@ impl Upstream {
 
 /// The client's request body on its way to the backend: limited to `max_body_bytes`, and with
 /// the client's own failures (bad chunking, a reset) told apart from the backend's.
-pub struct ClientBody(Limited<Incoming>);
+/// Its trailers (HTTP/2, chunked HTTP/1.1) lose what request headers lose: a trailer is a
+/// header that arrives late, and a backend may merge it with the others.
+pub struct ClientBody {
+    body: Limited<Incoming>,
+    /// Names no trailer may carry toward the backend.
+    trailer_strip: Arc<[HeaderName]>,
+}
 
 impl ClientBody {
-    pub fn new(body: Incoming, limit: u64) -> ClientBody {
-        ClientBody(Limited::new(body, limit as usize))
+    pub fn new(body: Incoming, limit: u64, trailer_strip: Arc<[HeaderName]>) -> ClientBody {
+        ClientBody {
+            body: Limited::new(body, limit as usize),
+            trailer_strip,
+        }
     }
 }
 
@@ -138,21 +148,31 @@ impl Body for ClientBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.0).poll_frame(cx).map_err(|e| {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.body).poll_frame(cx).map_err(|e| {
             if e.is::<LengthLimitError>() {
                 e
             } else {
                 Box::new(ClientBodyError(e)) as Self::Error
             }
+        });
+        polled.map_ok(|frame| match frame.into_trailers() {
+            Ok(mut trailers) => {
+                crate::headers::strip_hop_by_hop(&mut trailers);
+                crate::headers::remove_all(&mut trailers, &this.trailer_strip);
+                crate::headers::remove_underscored(&mut trailers);
+                Frame::trailers(trailers)
+            }
+            Err(frame) => frame,
         })
     }
 
     fn is_end_stream(&self) -> bool {
-        self.0.is_end_stream()
+        self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.0.size_hint()
+        self.body.size_hint()
     }
 }
 

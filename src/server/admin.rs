@@ -33,16 +33,51 @@ pub async fn handle(
     admin: Arc<Admin>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    let mut resp = answer(&admin, &req).await;
+    crate::headers::secure_response(resp.headers_mut(), &admin.config.headers, false);
+    Ok(resp)
+}
+
+/// Whether a `Host` may reach the admin endpoints: none (HTTP/1.0), `localhost`, or an IP
+/// address. A DNS-rebinding page reaches the listener under its own domain name, which is
+/// refused, so a browser can never read `/keys` for another site. Fails closed: a Host that
+/// does not parse is refused.
+fn admin_host(req: &Request<Incoming>) -> bool {
+    let Some(host) = req.headers().get(header::HOST) else {
+        return req.uri().host().is_none_or(host_is_local_or_ip);
+    };
+    host.to_str()
+        .ok()
+        .and_then(|h| h.parse::<http::uri::Authority>().ok())
+        .is_some_and(|a| host_is_local_or_ip(a.host()))
+}
+
+fn host_is_local_or_ip(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok()
+}
+
+async fn answer(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if !admin_host(req) {
+        return text_response(
+            StatusCode::MISDIRECTED_REQUEST,
+            "text/plain",
+            "the admin endpoints answer only Host: localhost or an IP address\n".into(),
+        );
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return Ok(text_response(
+        return text_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
             "method not allowed\n".into(),
-        ));
+        );
     }
-    Ok(match req.uri().path() {
+    match req.uri().path() {
         "/healthz" => text_response(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/readyz" => readiness(&admin).await,
+        "/readyz" => readiness(admin).await,
         "/metrics" => {
             let mut body = String::new();
             match prometheus_client::encoding::text::encode(&mut body, &admin.registry) {
@@ -60,7 +95,7 @@ pub async fn handle(
         }
         "/keys" => keys_report(&admin.credentials.load()),
         _ => text_response(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
-    })
+    }
 }
 
 /// `/keys`: every key's name, fingerprint, state and use; never the key. What a rotation

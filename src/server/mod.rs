@@ -185,12 +185,7 @@ impl Server {
         spawn_admin(&ctx, listeners.admin, admin);
 
         if let Some(listener) = listeners.redirect {
-            spawn_redirect(
-                &ctx,
-                listener,
-                local_addr.port(),
-                config.server.max_connections,
-            );
+            spawn_redirect(&ctx, listener, local_addr.port(), &config);
         }
 
         server
@@ -272,16 +267,23 @@ fn spawn_admin(ctx: &Accept, listener: TcpListener, admin: admin::Admin) {
         .spawn(admin_ctx.accept_loop(listener, "admin", serve));
 }
 
-/// Answer every request on `redirect_http` with 308 to https on `https_port`.
-fn spawn_redirect(ctx: &Accept, listener: TcpListener, https_port: u16, max_connections: usize) {
+/// Answer every request on `redirect_http` with 308 to https on `https_port`, with the
+/// `[headers]` every answer carries (over plain HTTP: no HSTS).
+fn spawn_redirect(ctx: &Accept, listener: TcpListener, https_port: u16, config: &Config) {
     let redirect_ctx = Accept {
-        limit: Arc::new(Semaphore::new(max_connections)),
+        limit: Arc::new(Semaphore::new(config.server.max_connections)),
         gate: None,
         ..ctx.clone()
     };
-    let serve = redirect_ctx
-        .clone()
-        .http1(move |req| async move { Ok(redirect::redirect_to_https(&req, https_port)) });
+    let headers = Arc::new(config.headers.clone());
+    let serve = redirect_ctx.clone().http1(move |req| {
+        let headers = headers.clone();
+        async move {
+            let mut resp = redirect::redirect_to_https(&req, https_port);
+            crate::headers::secure_response(resp.headers_mut(), &headers, false);
+            Ok(resp)
+        }
+    });
     ctx.tracker
         .spawn(redirect_ctx.accept_loop(listener, "redirect_http", serve));
 }
