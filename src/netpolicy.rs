@@ -210,4 +210,41 @@ mod tests {
         drop(a);
         assert!(per_ip.take(ip("127.0.0.2")).is_some());
     }
+
+    #[test]
+    fn forwarded_entries_with_a_port_are_read_and_never_stop_at_the_trusted_proxy() {
+        let p = policy(&[], &["127.0.0.1/32"]);
+        let peer = ip("127.0.0.1");
+        assert_eq!(p.client_ip(peer, &xff("192.0.2.7:51234")), ip("192.0.2.7"));
+        assert_eq!(
+            p.client_ip(peer, &xff("[2001:db8::7]:443")),
+            ip("2001:db8::7")
+        );
+        assert_eq!(
+            p.client_ip(peer, &xff("\"[2001:db8::8]\"")),
+            ip("2001:db8::8")
+        );
+        assert_eq!(
+            p.client_ip(peer, &xff("198.51.100.1, 192.0.2.9:80")),
+            ip("192.0.2.9")
+        );
+    }
+
+    #[test]
+    fn connections_are_counted_per_ipv6_slash_64_as_bans_and_limits_count_them() {
+        let per_ip = PerIp::new(1);
+        let first = per_ip
+            .take(ip("2001:db8:1:2::1"))
+            .expect("the first connection");
+        assert!(
+            per_ip.take(ip("2001:db8:1:2::99")).is_none(),
+            "another address in the same /64 is the same client"
+        );
+        assert!(
+            per_ip.take(ip("2001:db8:1:3::1")).is_some(),
+            "another /64 is not"
+        );
+        drop(first);
+        assert!(per_ip.take(ip("2001:db8:1:2::99")).is_some());
+    }
 }

@@ -20,7 +20,7 @@ use arc_swap::ArcSwap;
 use http::{header, HeaderMap, HeaderName};
 
 use crate::ban::Bans;
-use crate::error::Reject;
+use crate::error::{KeyRefusal, Reject};
 use api_key::{ApiKey, KeySet};
 use basic::{BasicVerifier, Verdict};
 use htpasswd::Htpasswd;
@@ -149,18 +149,28 @@ impl Auth {
     /// stream starts, after it is registered: a revocation that came while the backend was
     /// answering is seen here, one that comes later closes the registered stream. Fails
     /// closed: a user whose entry cannot be compared is taken as changed.
-    pub fn still_valid(&self, v: &Verified, now: SystemTime) -> bool {
+    /// The refusal the credential earns now, if any.
+    pub fn still_valid(&self, v: &Verified, now: SystemTime) -> Result<(), Reject> {
         let current = self.credentials.load();
         match &v.identity {
-            Identity::Key(k) => current.keys.usable(k.digest(), now),
+            Identity::Key(k) => match current.keys.get(k.digest()) {
+                None => Err(Reject::InvalidToken(KeyRefusal::Unknown)),
+                Some(key) if !key.enabled => Err(Reject::InvalidToken(KeyRefusal::Disabled)),
+                Some(key) if !key.usable(now) => Err(Reject::InvalidToken(KeyRefusal::Expired)),
+                Some(_) => Ok(()),
+            },
             Identity::User(name) if current.generation != v.generation => {
                 let stored = |file: Option<&Arc<Htpasswd>>| {
                     file.and_then(|f| f.user(name)).map(|u| u.stored.clone())
                 };
                 let then = stored(v.users.as_ref());
-                then.is_some() && then == stored(current.htpasswd.as_ref())
+                if then.is_some() && then == stored(current.htpasswd.as_ref()) {
+                    Ok(())
+                } else {
+                    Err(Reject::BadPassword(self.realm.clone()))
+                }
             }
-            Identity::User(_) | Identity::ClientCert(_) | Identity::Anonymous => true,
+            Identity::User(_) | Identity::ClientCert(_) | Identity::Anonymous => Ok(()),
         }
     }
 

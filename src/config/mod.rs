@@ -248,6 +248,45 @@ mod tests {
     }
 
     #[test]
+    fn redirect_http_needs_tls_and_the_admin_listener_its_own_address() {
+        let e = errors_of(
+            "[server]\nlisten = \"127.0.0.1:8443\"\nadmin_listen = \"127.0.0.1:8443\"\n\
+             redirect_http = \"127.0.0.1:8080\"\n[upstream]\nurl = \"http://127.0.0.1:1\"\n\
+             [auth]\nkeys_file = \"keys.toml\"\n",
+        );
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("4:") && m.contains("there is no [tls]")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("3:") && m.contains("public listener's address")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_non_loopback_admin_listener_is_warned_about() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.toml");
+        let config = Config::from_toml(
+            &path,
+            "[server]\nadmin_listen = \"0.0.0.0:9901\"\n[upstream]\nurl = \"http://127.0.0.1:1\"\n\
+             [auth]\nanonymous = true\n",
+        )
+        .unwrap();
+        assert!(
+            config
+                .warnings
+                .iter()
+                .any(|w| w.contains("not a loopback address")),
+            "{:?}",
+            config.warnings
+        );
+    }
+
+    #[test]
     fn minimal_config_is_valid() {
         let e = errors_of(
             "[upstream]\nurl = \"http://127.0.0.1:1\"\n[auth]\nkeys_file = \"keys.toml\"\n",

@@ -48,6 +48,8 @@ pub struct Exchange {
     pub(super) cred: Option<CredId>,
     /// What the credential was verified against, until a stream it opens is registered.
     pub(super) verified: Option<crate::auth::Verified>,
+    /// The credential was found revoked as its stream started.
+    pub(super) verified_gone: bool,
     /// A gRPC request: refusals are answered the gRPC way.
     pub(super) grpc: bool,
     /// Both halves of an accepted WebSocket upgrade: the client's and the backend's.
@@ -102,6 +104,7 @@ impl Exchange {
             finished: false,
             cred: None,
             verified: None,
+            verified_gone: false,
             grpc,
             tunnel: None,
             client_trusted: proxy.config.server.net.is_trusted(client),

@@ -120,19 +120,30 @@ impl Proxy {
     ) -> Result<Response<ResponseBody>, Infallible> {
         let mut ex = Exchange::start(&self, &req, &conn);
         let result = self.forward(req, &conn, &mut ex).await;
-        let mut watch = None;
-        let mut resp = match result {
+        let mut guard = None;
+        let mut resp = match result.and_then(|resp| {
+            let kind = match ex.tunnel {
+                Some(_) => Some(StreamKind::WebSocket),
+                None => stream_kind(&resp),
+            };
+            if let Some(kind) = kind {
+                guard = Some(self.register_stream(&mut ex, kind)?);
+            }
+            Ok(resp)
+        }) {
             Ok(resp) => {
                 ex.record.outcome = "ok";
-                if ex.tunnel.is_none() {
-                    if let Some(kind) = stream_kind(&resp) {
-                        let guard = self.register_stream(&mut ex, kind);
-                        watch = Some(Watch::new(guard, self.limits));
-                    }
-                }
                 resp.map(Either::Left)
             }
-            Err(reject) => self.refusal(&reject, &mut ex).map(Either::Right),
+            Err(reject) => {
+                // A stream refused as it starts drops the backend's answer (and upgrade).
+                ex.tunnel = None;
+                let resp = self.refusal(&reject, &mut ex).map(Either::Right);
+                if ex.verified_gone {
+                    ex.record.outcome = "revoked";
+                }
+                resp
+            }
         };
         resp.headers_mut()
             .insert(X_REQUEST_ID.clone(), ex.record.request_id.value().clone());
@@ -143,8 +154,8 @@ impl Proxy {
         }
         headers::secure_response(resp.headers_mut(), &self.config.headers, self.tls);
         ex.record.status = resp.status().as_u16();
-        if let Some((client, upstream)) = ex.tunnel.take() {
-            self.spawn_tunnel(client, upstream, ex, conn);
+        if let (Some((client, upstream)), Some(guard)) = (ex.tunnel.take(), guard.take()) {
+            self.spawn_tunnel(client, upstream, guard, ex, conn);
             return Ok(resp.map(|inner| LoggedBody {
                 inner,
                 ex: None,
@@ -155,7 +166,7 @@ impl Proxy {
         Ok(resp.map(|inner| LoggedBody {
             inner,
             ex: Some(ex),
-            watch,
+            watch: guard.map(|g| Watch::new(g, self.limits)),
             idle_limit: self.limits.idle,
         }))
     }
@@ -182,23 +193,27 @@ impl Proxy {
     }
 
     /// Register a stream under its credential, then check that credential against the
-    /// credentials in force now: in this order, a revocation is never missed, whether it came
-    /// while the backend was answering (seen here: the stream is revoked at once) or comes
-    /// later (the registry closes it).
-    fn register_stream(&self, ex: &mut Exchange, kind: StreamKind) -> StreamGuard {
+    /// credentials in force now: in this order, a revocation is never missed. One that came
+    /// while the backend was answering is seen here, and the stream is refused before it
+    /// starts (the client gets the refusal its credential now earns, 401); one that comes
+    /// later finds the stream registered and closes it.
+    fn register_stream(&self, ex: &mut Exchange, kind: StreamKind) -> Result<StreamGuard, Reject> {
         let cred = ex.cred.clone().unwrap_or(CredId::Anonymous);
         let guard = self.streams.register(cred, kind);
         if let Some(verified) = ex.verified.take() {
-            if !self.auth.still_valid(&verified, SystemTime::now()) {
+            if let Err(reject) = self.auth.still_valid(&verified, SystemTime::now()) {
                 tracing::info!(
                     event = "credential_revoked",
                     request_id = %ex.record.request_id,
-                    "credential no longer valid as its stream starts: stream closed"
+                    reason = reject.auth_reason(),
+                    "credential no longer valid as its stream starts: stream refused"
                 );
                 guard.revoke();
+                ex.verified_gone = true;
+                return Err(reject);
             }
         }
-        guard
+        Ok(guard)
     }
 
     /// Copy bytes both ways once both sides have upgraded, registered under the credential;
@@ -208,10 +223,10 @@ impl Proxy {
         &self,
         client: OnUpgrade,
         upstream: OnUpgrade,
+        guard: StreamGuard,
         mut ex: Exchange,
         conn: Arc<ConnInfo>,
     ) {
-        let guard = self.register_stream(&mut ex, StreamKind::WebSocket);
         let (limits, force) = (self.limits, self.streams.force.clone());
         self.streams.tracker.spawn(async move {
             let (end, moved) = tunnel::run(client, upstream, guard, limits, force).await;

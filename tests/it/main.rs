@@ -6,6 +6,7 @@ mod cli;
 mod connections;
 mod docs;
 mod forwarding;
+mod hardening;
 mod htpasswd;
 mod layout;
 mod limits;
