@@ -25,6 +25,10 @@ pub struct ConnInfo {
     /// The connection's place under `max_connections` and `max_connections_per_ip`, held by
     /// whatever holds this (a WebSocket tunnel outlives the HTTP connection it came from).
     pub slot: ConnSlot,
+    /// Which HTTP/1 request first carried both framing headers (see `framing`).
+    pub framing: Arc<crate::framing::Conflicts>,
+    /// Requests begun on this connection so far.
+    pub requests: AtomicU64,
 }
 
 impl ConnInfo {
@@ -40,6 +44,8 @@ impl ConnInfo {
             activity,
             client_cert,
             slot,
+            framing: Arc::default(),
+            requests: AtomicU64::new(0),
         }
     }
 }

@@ -48,6 +48,8 @@ pub struct Exchange {
     pub(super) cred: Option<CredId>,
     /// What the credential was verified against, until a stream it opens is registered.
     pub(super) verified: Option<crate::auth::Verified>,
+    /// The request carried both `Transfer-Encoding` and `Content-Length`.
+    pub(super) framing_conflict: bool,
     /// The credential was found revoked as its stream started.
     pub(super) verified_gone: bool,
     /// A gRPC request: refusals are answered the gRPC way.
@@ -105,6 +107,9 @@ impl Exchange {
             cred: None,
             verified: None,
             verified_gone: false,
+            framing_conflict: conn
+                .framing
+                .at(conn.requests.fetch_add(1, Ordering::Relaxed) + 1),
             grpc,
             tunnel: None,
             client_trusted: proxy.config.server.net.is_trusted(client),

@@ -154,7 +154,16 @@ impl Proxy {
         }
         headers::secure_response(resp.headers_mut(), &self.config.headers, self.tls);
         ex.record.status = resp.status().as_u16();
-        if let (Some((client, upstream)), Some(guard)) = (ex.tunnel.take(), guard.take()) {
+        if let Some((client, upstream)) = ex.tunnel.take() {
+            // A tunnel is always registered (register_stream above) before it gets here.
+            let Some(guard) = guard.take() else {
+                return Ok(resp.map(|inner| LoggedBody {
+                    inner,
+                    ex: Some(ex),
+                    watch: None,
+                    idle_limit: self.limits.idle,
+                }));
+            };
             self.spawn_tunnel(client, upstream, guard, ex, conn);
             return Ok(resp.map(|inner| LoggedBody {
                 inner,
@@ -319,7 +328,11 @@ impl Proxy {
         if hosts > 1 || (hosts == 0 && req.version() == Version::HTTP_11) {
             return Err(Reject::BadRequest);
         }
-        if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+        // Framing intermediaries disagree about (RFC 9112 §6.3; hyper drops the
+        // Content-Length before it is seen here, so `framing` watched the bytes).
+        if ex.framing_conflict
+            || (h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH))
+        {
             return Err(Reject::BadRequest);
         }
         let path = crate::path::normalize(req.uri().path()).map_err(|_| Reject::BadRequest)?;

@@ -155,12 +155,14 @@ impl Accept {
     {
         let peer = info.peer;
         let activity = info.activity.clone();
+        let framing = info.framing.clone();
         let svc = service_fn(move |req| Box::pin(proxy.clone().handle(req, info.clone())));
         if h2 {
             let conn = builders.h2.serve_connection(io, svc);
             let stop = hyper::server::conn::http2::Connection::graceful_shutdown;
             Box::pin(self.drive(conn, stop, &activity, peer)).await
         } else {
+            let io = crate::framing::Framing::new(io, framing);
             let conn = builders.h1.serve_connection(io, svc).with_upgrades();
             let stop = hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown;
             Box::pin(self.drive(conn, stop, &activity, peer)).await

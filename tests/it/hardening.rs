@@ -389,10 +389,10 @@ async fn a_keys_file_rewritten_in_place_with_a_pause_is_never_used_half_written(
         use std::io::Write;
         // In place, as `cat > keys.toml` or a slow editor writes: the allow line comes last.
         let mut f = std::fs::File::create(&path).unwrap();
-        f.write_all(full_text[..cut].as_bytes()).unwrap();
+        f.write_all(&full_text.as_bytes()[..cut]).unwrap();
         f.flush().unwrap();
         tokio::time::sleep(Duration::from_millis(450)).await;
-        f.write_all(full_text[cut..].as_bytes()).unwrap();
+        f.write_all(&full_text.as_bytes()[cut..]).unwrap();
         f.flush().unwrap();
     });
     let until = Instant::now() + Duration::from_millis(2_500);
@@ -455,4 +455,35 @@ async fn a_cheap_hash_answers_no_sooner_than_the_costliest_in_the_file() {
     let (status, took) = timed("alice", "cheap").await;
     assert_eq!(status, 200);
     assert!(took >= Duration::from_millis(100), "{took:?}");
+}
+
+#[tokio::test]
+async fn transfer_encoding_beside_content_length_is_refused_in_either_order() {
+    let backend = Backend::recording_bodies().await;
+    let proxy = Proxy::start(&backend.url(), "").await;
+    let heads = [
+        "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+        "Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+    ];
+    for framing in heads {
+        // A clean chunked request first, on the same connection: no false alarm.
+        let request = format!(
+            "POST /api HTTP/1.1\r\nHost: x\r\nX-API-Key: {PROD_KEY}\r\nTransfer-Encoding: chunked\r\n\r\n\
+             3\r\nabc\r\n0\r\n\r\n\
+             POST /api HTTP/1.1\r\nHost: x\r\nX-API-Key: {PROD_KEY}\r\n{framing}\r\n0\r\n\r\n"
+        );
+        let text = raw(proxy.addr, request.as_bytes()).await;
+        let statuses: Vec<u16> = text
+            .match_indices("HTTP/1.1 ")
+            .filter_map(|(i, _)| text[i + 9..].get(..3)?.parse().ok())
+            .collect();
+        assert_eq!(statuses, vec![200, 400], "{framing:?}\n{text}");
+        assert!(
+            text.to_ascii_lowercase().contains("connection: close"),
+            "{text}"
+        );
+        let seen = backend.take();
+        assert_eq!(seen.len(), 1, "only the clean request reached the backend");
+        assert_eq!(seen[0].body, "abc");
+    }
 }
