@@ -368,6 +368,30 @@ async fn the_redirect_listener_answers_308_to_https() {
 }
 
 #[tokio::test]
+async fn the_redirect_carries_the_security_headers_but_never_hsts() {
+    let pki = Pki::new();
+    let certs = tempfile::tempdir().unwrap();
+    write_pair(certs.path(), &pki.server());
+    let backend = Backend::ok().await;
+    let proxy = Proxy::start_with(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nredirect_http = \"127.0.0.1:0\"\n\
+         [tls]\ncert = \"{c}/tls.crt\"\nkey = \"{c}/tls.key\"\n[upstream]\nurl = \"{}\"\n",
+        backend.url(),
+        c = certs.path().display()
+    ))
+    .await;
+    let redirect = proxy.server.as_ref().unwrap().redirect_addr().unwrap();
+    let r = get(&format!("http://{redirect}/x"), &[("host", "mcp.example")]).await;
+    assert_eq!(r.status, 308);
+    assert_eq!(r.headers["x-content-type-options"], "nosniff");
+    assert_eq!(r.headers["x-frame-options"], "DENY");
+    assert!(
+        !r.headers.contains_key("strict-transport-security"),
+        "HSTS is for TLS answers only (RFC 6797 §7.2)"
+    );
+}
+
+#[tokio::test]
 async fn security_headers_are_on_every_response_and_hsts_only_over_tls() {
     let pki = Pki::new();
     let certs = tempfile::tempdir().unwrap();
