@@ -247,6 +247,11 @@ impl<T: Read + Unpin> Read for Framing<T> {
     ) -> Poll<io::Result<()>> {
         // Read into a small stack buffer first, so the bytes can be looked at before they are
         // handed on (hyper's cursor gives no access to what it was filled with).
+        if buf.remaining() == 0 {
+            // Nothing can be read into it: hand the cursor on, so an empty read is never
+            // mistaken for the end of the stream.
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
+        }
         let mut tmp = [std::mem::MaybeUninit::<u8>::uninit(); 8192];
         let want = buf.remaining().min(tmp.len());
         let mut inner_buf = hyper::rt::ReadBuf::uninit(&mut tmp[..want]);
