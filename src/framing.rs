@@ -344,6 +344,31 @@ mod tests {
         assert_eq!(conflict(&input, 4096), 3);
     }
 
+    proptest::proptest! {
+        /// However the bytes are split across reads, the same head is found (or none), and
+        /// no input makes the tracker panic.
+        #[test]
+        fn the_split_of_the_bytes_never_changes_the_verdict(
+            heads in proptest::collection::vec(0u8..4, 1..6),
+            garbage in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+            step in 1usize..40,
+        ) {
+            let mut input = Vec::new();
+            for h in &heads {
+                input.extend_from_slice(match h {
+                    0 => &b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+                    1 => &b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"[..],
+                    2 => &b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2;x\r\nhi\r\n0\r\n\r\n"[..],
+                    _ => &b"POST /d HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 1\r\n\r\n0\r\n\r\n"[..],
+                });
+            }
+            input.extend_from_slice(&garbage);
+            let want = heads.iter().position(|h| *h == 3).map_or(0, |i| i as u64 + 1);
+            proptest::prop_assert_eq!(conflict(&input, input.len().max(1)), want);
+            proptest::prop_assert_eq!(conflict(&input, step), want);
+        }
+    }
+
     #[test]
     fn tracking_stops_after_an_upgrade() {
         let mut input =
