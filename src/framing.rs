@@ -105,15 +105,18 @@ impl Tracker {
                         self.keep(bytes);
                         return;
                     };
-                    self.keep(&bytes[..end]);
-                    bytes = &bytes[end + 1..];
-                    let mut line = std::mem::take(&mut self.line);
-                    if line.last() == Some(&b'\r') {
-                        line.pop();
+                    let (part, rest) = (&bytes[..end], &bytes[end + 1..]);
+                    bytes = rest;
+                    if self.line.is_empty() {
+                        // The whole line is in this read: looked at where it lies.
+                        self.line_done(strip_cr(part));
+                    } else {
+                        self.keep(part);
+                        let line = std::mem::take(&mut self.line);
+                        self.line_done(strip_cr(&line));
+                        self.line = line;
+                        self.line.clear();
                     }
-                    self.line_done(&line);
-                    line.clear();
-                    self.line = line;
                 }
             }
         }
@@ -214,6 +217,10 @@ impl Tracker {
     }
 }
 
+fn strip_cr(line: &[u8]) -> &[u8] {
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
 fn trim(mut v: &[u8]) -> &[u8] {
     while let [b' ' | b'\t', rest @ ..] = v {
         v = rest;
@@ -252,19 +259,22 @@ impl<T: Read + Unpin> Read for Framing<T> {
             // mistaken for the end of the stream.
             return Pin::new(&mut self.inner).poll_read(cx, buf);
         }
-        let mut tmp = [std::mem::MaybeUninit::<u8>::uninit(); 8192];
-        let want = buf.remaining().min(tmp.len());
-        let mut inner_buf = hyper::rt::ReadBuf::uninit(&mut tmp[..want]);
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_read(cx, inner_buf.unfilled()) {
-            Poll::Ready(Ok(())) => {
-                let filled = inner_buf.filled();
-                this.tracker.feed(filled);
-                buf.put_slice(filled);
-                Poll::Ready(Ok(()))
-            }
-            other => other,
+        // The inner reader fills hyper's own buffer; the bytes it filled are looked at, then
+        // the cursor is moved past them. No copy.
+        // SAFETY: the slice is only ever written through `ReadBuf`, which never uninitializes a
+        // byte, and the cursor is advanced by exactly the bytes that `ReadBuf` reports filled.
+        let dst = unsafe { buf.as_mut() };
+        let mut inner_buf = hyper::rt::ReadBuf::uninit(dst);
+        let polled = Pin::new(&mut this.inner).poll_read(cx, inner_buf.unfilled());
+        let filled = inner_buf.filled();
+        let n = filled.len();
+        if matches!(polled, Poll::Ready(Ok(()))) {
+            this.tracker.feed(filled);
         }
+        // SAFETY: `n` bytes were initialized by the read above.
+        unsafe { buf.advance(n) };
+        polled
     }
 }
 
