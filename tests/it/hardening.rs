@@ -214,24 +214,7 @@ async fn a_websocket_over_http2_is_judged_as_the_get_it_becomes() {
         &keys,
     )
     .await;
-    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    let mut req = Request::builder()
-        .method(http::Method::CONNECT)
-        .uri(format!("http://{}/ws", proxy.addr))
-        .header("sec-websocket-version", "13")
-        .header("x-api-key", "mas_GetOnlyKey0000000000000000000000000000")
-        .body(full(""))
-        .unwrap();
-    req.extensions_mut()
-        .insert(hyper::ext::Protocol::from_static("websocket"));
-    let resp = send.send_request(req).await.unwrap();
+    let resp = h2_websocket(&proxy, "/ws", "mas_GetOnlyKey0000000000000000000000000000").await;
     assert_eq!(
         resp.status(),
         200,

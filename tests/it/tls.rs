@@ -340,8 +340,9 @@ async fn mtls_optional_lets_clients_without_a_certificate_authenticate_otherwise
     assert_eq!(names, ["production-backend", "svc"]);
 }
 
-#[tokio::test]
-async fn the_redirect_listener_answers_308_to_https() {
+/// A TLS proxy with a redirect listener: the proxy, its backend, the redirect's address, and
+/// the certificate directory (kept for the proxy's lifetime).
+async fn redirecting_proxy() -> (Proxy, Backend, std::net::SocketAddr, tempfile::TempDir) {
     let pki = Pki::new();
     let certs = tempfile::tempdir().unwrap();
     write_pair(certs.path(), &pki.server());
@@ -354,6 +355,12 @@ async fn the_redirect_listener_answers_308_to_https() {
     ))
     .await;
     let redirect = proxy.server.as_ref().unwrap().redirect_addr().unwrap();
+    (proxy, backend, redirect, certs)
+}
+
+#[tokio::test]
+async fn the_redirect_listener_answers_308_to_https() {
+    let (proxy, backend, redirect, _certs) = redirecting_proxy().await;
     let r = get(
         &format!("http://{redirect}/api/x?a=1"),
         &[("host", "mcp.example:8080")],
@@ -369,18 +376,7 @@ async fn the_redirect_listener_answers_308_to_https() {
 
 #[tokio::test]
 async fn the_redirect_carries_the_security_headers_but_never_hsts() {
-    let pki = Pki::new();
-    let certs = tempfile::tempdir().unwrap();
-    write_pair(certs.path(), &pki.server());
-    let backend = Backend::ok().await;
-    let proxy = Proxy::start_with(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nredirect_http = \"127.0.0.1:0\"\n\
-         [tls]\ncert = \"{c}/tls.crt\"\nkey = \"{c}/tls.key\"\n[upstream]\nurl = \"{}\"\n",
-        backend.url(),
-        c = certs.path().display()
-    ))
-    .await;
-    let redirect = proxy.server.as_ref().unwrap().redirect_addr().unwrap();
+    let (_proxy, _backend, redirect, _certs) = redirecting_proxy().await;
     let r = get(&format!("http://{redirect}/x"), &[("host", "mcp.example")]).await;
     assert_eq!(r.status, 308);
     assert_eq!(r.headers["x-content-type-options"], "nosniff");

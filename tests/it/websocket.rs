@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use portcullis::streams::StreamKind;
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -199,24 +198,7 @@ async fn websocket_toward_an_http2_upstream_is_refused_with_501() {
 async fn websocket_over_http2_extended_connect_reaches_an_http1_backend() {
     let backend = EchoBackend::start().await;
     let proxy = Proxy::start(&backend.url(), "").await;
-    let stream = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    let mut req = http::Request::builder()
-        .method(http::Method::CONNECT)
-        .uri(format!("http://{}/mcp", proxy.addr))
-        .header("sec-websocket-version", "13")
-        .header("x-api-key", PROD_KEY)
-        .body(full(""))
-        .unwrap();
-    req.extensions_mut()
-        .insert(hyper::ext::Protocol::from_static("websocket"));
-    let mut resp = send.send_request(req).await.unwrap();
+    let mut resp = h2_websocket(&proxy, "/mcp", PROD_KEY).await;
     assert_eq!(resp.status(), 200);
     assert!(resp.headers().get("sec-websocket-accept").is_none());
     let upgraded = hyper::upgrade::on(&mut resp).await.unwrap();

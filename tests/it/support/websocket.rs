@@ -163,3 +163,30 @@ where
     .await;
     assert!(ended.is_ok(), "the WebSocket was not closed");
 }
+
+/// Ask for a WebSocket over HTTP/2 (RFC 8441 extended CONNECT) on `path` with `key`; the
+/// response, whose upgrade the caller may take.
+pub async fn h2_websocket(
+    proxy: &Proxy,
+    path: &str,
+    key: &str,
+) -> http::Response<hyper::body::Incoming> {
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("http://{}{path}", proxy.addr))
+        .header("sec-websocket-version", "13")
+        .header("x-api-key", key)
+        .body(full(""))
+        .unwrap();
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    send.send_request(req).await.unwrap()
+}
