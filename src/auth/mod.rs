@@ -144,12 +144,12 @@ impl Auth {
         result
     }
 
-    /// Whether `v`'s credential may still be used `now` under the credentials in force: a key
-    /// still enabled and unexpired, a user still in the file with the same hash. Asked when a
-    /// stream starts, after it is registered: a revocation that came while the backend was
-    /// answering is seen here, one that comes later closes the registered stream. Fails
-    /// closed: a user whose entry cannot be compared is taken as changed.
-    /// The refusal the credential earns now, if any.
+    /// Whether `v`'s credential may still be used `now` under the credentials in force (a key
+    /// still present, enabled and unexpired; a user still in the file with the same hash), or
+    /// the refusal it earns now. Asked when a stream starts, after it is registered: a
+    /// revocation that came while the backend was answering is seen here, one that comes
+    /// later closes the registered stream. Fails closed: a user whose entry cannot be
+    /// compared is taken as changed.
     pub fn still_valid(&self, v: &Verified, now: SystemTime) -> Result<(), Reject> {
         let current = self.credentials.load();
         match &v.identity {
