@@ -117,6 +117,9 @@ pub struct ServerConfig {
     pub net: crate::netpolicy::NetPolicy,
     /// A plain listener that answers 308 to https://.
     pub redirect_http: Option<SocketAddr>,
+    /// Host names the admin listener answers besides `localhost` and IP addresses
+    /// (lower-case, without port).
+    pub admin_hosts: Vec<String>,
 }
 
 /// `[tls]`, with the certificate it names loaded and checked.
@@ -264,6 +267,16 @@ mod tests {
                 .any(|m| m.starts_with("3:") && m.contains("public listener's address")),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn admin_hosts_are_names_only() {
+        let e = errors_of(
+            "[server]\nadmin_hosts = [\"ok.example\", \"10.0.0.1\", \"bad.example:9901\"]\n\
+             [upstream]\nurl = \"http://127.0.0.1:1\"\n[auth]\nkeys_file = \"keys.toml\"\n",
+        );
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e.iter().all(|m| m.contains("admin_hosts")), "{e:?}");
     }
 
     #[test]

@@ -89,6 +89,7 @@ pub(super) struct RawServer {
     pub(super) max_connections_per_ip: S<i64>,
     pub(super) allow_cidrs: Option<Vec<Spanned<String>>>,
     pub(super) trusted_proxies: Option<Vec<Spanned<String>>>,
+    pub(super) admin_hosts: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize, Default)]

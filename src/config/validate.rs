@@ -188,11 +188,34 @@ impl Validator<'_> {
                 allow: self.cidrs(&r.allow_cidrs, "allow_cidrs"),
                 trusted: self.cidrs(&r.trusted_proxies, "trusted_proxies"),
             },
+            admin_hosts: self.admin_hosts(&r.admin_hosts),
             redirect_http: r
                 .redirect_http
                 .as_ref()
                 .map(|_| self.addr(&r.redirect_http, "redirect_http", "0.0.0.0:8080")),
         }
+    }
+
+    /// `admin_hosts`: plain host names (a port, a path or an address is a mistake: addresses
+    /// are always answered).
+    fn admin_hosts(&mut self, list: &Option<Vec<Spanned<String>>>) -> Vec<String> {
+        let mut hosts = Vec::new();
+        for h in list.iter().flatten() {
+            let name = h.get_ref().trim().to_ascii_lowercase();
+            let plain = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+            if !plain || name.parse::<std::net::IpAddr>().is_ok() {
+                self.err(
+                    h,
+                    format!("admin_hosts: {name:?} is not a host name; write names only, such as \"metrics.internal\" (IP addresses and localhost are always answered)"),
+                );
+            } else {
+                hosts.push(name);
+            }
+        }
+        hosts
     }
 
     /// How the listeners fit together: the admin listener apart from the public one, and on
@@ -223,7 +246,7 @@ impl Validator<'_> {
         }
         if !admin.ip().is_loopback() {
             self.warnings.push(format!(
-                "{}: admin_listen {admin} is not a loopback address: /keys, /metrics and /readyz are reachable from the network (they answer only Hosts that are IP addresses or localhost); keep it on 127.0.0.1 unless probes need it",
+                "{}: admin_listen {admin} is not a loopback address: /keys, /metrics and /readyz are reachable from the network (they answer only Hosts that are IP addresses, localhost or admin_hosts names); keep it on 127.0.0.1 unless probes need it",
                 self.src.path.display()
             ));
         }

@@ -38,34 +38,34 @@ pub async fn handle(
     Ok(resp)
 }
 
-/// Whether a `Host` may reach the admin endpoints: none (HTTP/1.0), `localhost`, or an IP
-/// address. A DNS-rebinding page reaches the listener under its own domain name, which is
-/// refused, so a browser can never read `/keys` for another site. Fails closed: a Host that
-/// does not parse is refused.
-fn admin_host(req: &Request<Incoming>) -> bool {
+/// Whether a `Host` may reach the admin endpoints: none (HTTP/1.0), `localhost`, an IP
+/// address, or one of `admin_hosts`. A DNS-rebinding page reaches the listener under its own
+/// domain name, which is refused, so a browser can never read `/keys` for another site. Fails
+/// closed: a Host that does not parse is refused.
+fn admin_host(req: &Request<Incoming>, names: &[String]) -> bool {
+    let allowed = |host: &str| {
+        host.eq_ignore_ascii_case("localhost")
+            || host
+                .trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_ok()
+            || names.iter().any(|n| n.eq_ignore_ascii_case(host))
+    };
     let Some(host) = req.headers().get(header::HOST) else {
-        return req.uri().host().is_none_or(host_is_local_or_ip);
+        return req.uri().host().is_none_or(allowed);
     };
     host.to_str()
         .ok()
         .and_then(|h| h.parse::<http::uri::Authority>().ok())
-        .is_some_and(|a| host_is_local_or_ip(a.host()))
-}
-
-fn host_is_local_or_ip(host: &str) -> bool {
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .trim_matches(['[', ']'])
-            .parse::<std::net::IpAddr>()
-            .is_ok()
+        .is_some_and(|a| allowed(a.host()))
 }
 
 async fn answer(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    if !admin_host(req) {
+    if !admin_host(req, &admin.config.server.admin_hosts) {
         return text_response(
             StatusCode::MISDIRECTED_REQUEST,
             "text/plain",
-            "the admin endpoints answer only Host: localhost or an IP address\n".into(),
+            "the admin endpoints answer only Host: localhost, an IP address or one of [server] admin_hosts\n".into(),
         );
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {

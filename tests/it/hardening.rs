@@ -268,9 +268,9 @@ async fn a_forwarded_client_with_a_port_is_banned_alone_never_the_trusted_proxy(
 }
 
 #[tokio::test]
-async fn the_admin_listener_answers_only_local_or_ip_hosts() {
+async fn the_admin_listener_answers_only_local_ip_or_configured_hosts() {
     let backend = Backend::ok().await;
-    let proxy = Proxy::start(&backend.url(), "").await;
+    let proxy = Proxy::with_server(&backend.url(), "admin_hosts = [\"Metrics.Internal\"]").await;
     let admin = format!("http://{}/keys", proxy.admin);
     let rebound = get(&admin, &[("host", "attacker.example:9901")]).await;
     assert_eq!(
@@ -278,7 +278,13 @@ async fn the_admin_listener_answers_only_local_or_ip_hosts() {
         "a DNS-rebinding page never reads /keys"
     );
     assert!(!String::from_utf8_lossy(&rebound.body).contains("production-backend"));
-    for host in ["localhost:9901", "127.0.0.1:9901", "[::1]:9901", "10.1.2.3"] {
+    for host in [
+        "localhost:9901",
+        "127.0.0.1:9901",
+        "[::1]:9901",
+        "10.1.2.3",
+        "metrics.internal:9901",
+    ] {
         let r = get(&admin, &[("host", host)]).await;
         assert_eq!(r.status, 200, "{host}");
     }
