@@ -77,6 +77,9 @@ pub struct Verified {
     generation: u64,
     /// For an htpasswd user: the file it was verified against.
     users: Option<Arc<Htpasswd>>,
+    /// The header the verified credential came in (a key or a Basic user's; `None` for a
+    /// certificate or no credential).
+    pub carrier: Option<HeaderName>,
 }
 
 impl Verified {
@@ -86,6 +89,7 @@ impl Verified {
             identity: Identity::Anonymous,
             generation: 0,
             users: None,
+            carrier: None,
         }
     }
 }
@@ -183,12 +187,13 @@ impl Auth {
         now: Instant,
     ) -> Result<Verified, Reject> {
         let snapshot = self.credentials.load();
-        let verified = |identity: Identity| Verified {
+        let verified = |identity: Identity, carrier: Option<&HeaderName>| Verified {
             users: match identity {
                 Identity::User(_) => snapshot.htpasswd.clone(),
                 _ => None,
             },
             generation: snapshot.generation,
+            carrier: carrier.cloned(),
             identity,
         };
         let auth = Authenticator {
@@ -215,7 +220,11 @@ impl Auth {
                 }
             }
         };
-        Ok(verified(identity))
+        let carrier = match identity {
+            Identity::Key(_) | Identity::User(_) => auth.carrier(headers),
+            Identity::ClientCert(_) | Identity::Anonymous => None,
+        };
+        Ok(verified(identity, carrier))
     }
 }
 
@@ -309,6 +318,8 @@ pub struct Authenticator<'a> {
     pub basic_realm: Option<&'a Arc<str>>,
 }
 
+static AUTHORIZATION: HeaderName = header::AUTHORIZATION;
+
 fn is_token(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic())
 }
@@ -317,36 +328,51 @@ impl Authenticator<'_> {
     /// The credential a request presents, from the first configured header that is present.
     /// `Ok(None)`: no credential at all.
     pub fn extract<'h>(&self, headers: &'h HeaderMap) -> Result<Option<Credential<'h>>, Reject> {
-        for name in self.api_key_headers {
-            let mut values = headers.get_all(name).iter();
-            let Some(value) = values.next() else { continue };
-            if values.next().is_some() {
-                // Two copies: which one a backend or another proxy would read is anybody's guess.
-                return Err(Reject::MalformedCredentials);
-            }
-            let value = value
-                .to_str()
-                .map_err(|_| Reject::MalformedCredentials)?
-                .trim();
-            let credential = if name == header::AUTHORIZATION {
-                self.authorization(value, true)?
-            } else {
-                Credential::ApiKey(value)
+        let Some(name) = self.carrier(headers) else {
+            return Ok(None);
+        };
+        if !self.api_key_headers.contains(name) {
+            // `Authorization: Basic` is looked for even when "authorization" is not among the
+            // API key headers (then a Bearer there is a refused scheme).
+            let Some(v) = headers.get(name) else {
+                return Ok(None);
             };
-            if matches!(credential, Credential::ApiKey(t) if !is_token(t)) {
-                return Err(Reject::MalformedCredentials);
-            }
-            return Ok(Some(credential));
+            let v = v.to_str().map_err(|_| Reject::MalformedCredentials)?.trim();
+            return self.authorization(v, false).map(Some);
         }
-        // `Authorization: Basic` is looked for even when "authorization" is not among the API
-        // key headers (then a Bearer there is a refused scheme).
-        if self.basic_realm.is_some() && !self.api_key_headers.contains(&header::AUTHORIZATION) {
-            if let Some(v) = headers.get(header::AUTHORIZATION) {
-                let v = v.to_str().map_err(|_| Reject::MalformedCredentials)?.trim();
-                return self.authorization(v, false).map(Some);
-            }
+        let mut values = headers.get_all(name).iter();
+        let Some(value) = values.next() else {
+            return Ok(None);
+        };
+        if values.next().is_some() {
+            // Two copies: which one a backend or another proxy would read is anybody's guess.
+            return Err(Reject::MalformedCredentials);
         }
-        Ok(None)
+        let value = value
+            .to_str()
+            .map_err(|_| Reject::MalformedCredentials)?
+            .trim();
+        let credential = if name == header::AUTHORIZATION {
+            self.authorization(value, true)?
+        } else {
+            Credential::ApiKey(value)
+        };
+        if matches!(credential, Credential::ApiKey(t) if !is_token(t)) {
+            return Err(Reject::MalformedCredentials);
+        }
+        Ok(Some(credential))
+    }
+
+    /// The header a request's credential is read from: the first of `api_key_headers` it
+    /// carries, else `Authorization` when HTTP Basic is accepted. `None`: no credential.
+    pub fn carrier(&self, headers: &HeaderMap) -> Option<&HeaderName> {
+        self.api_key_headers
+            .iter()
+            .find(|n| headers.contains_key(*n))
+            .or_else(|| {
+                (self.basic_realm.is_some() && headers.contains_key(header::AUTHORIZATION))
+                    .then_some(&AUTHORIZATION)
+            })
     }
 
     /// An `Authorization` value: `Bearer <key>` (when `bearer` is accepted there) or, with an

@@ -50,8 +50,6 @@ pub struct Exchange {
     pub(super) verified: Option<crate::auth::Verified>,
     /// The request carried both `Transfer-Encoding` and `Content-Length`.
     pub(super) framing_conflict: bool,
-    /// The credential was found revoked as its stream started.
-    pub(super) verified_gone: bool,
     /// A gRPC request: refusals are answered the gRPC way.
     pub(super) grpc: bool,
     /// Both halves of an accepted WebSocket upgrade: the client's and the backend's.
@@ -106,7 +104,6 @@ impl Exchange {
             finished: false,
             cred: None,
             verified: None,
-            verified_gone: false,
             framing_conflict: conn
                 .framing
                 .at(conn.requests.fetch_add(1, Ordering::Relaxed) + 1),

@@ -120,14 +120,16 @@ impl Proxy {
     ) -> Result<Response<ResponseBody>, Infallible> {
         let mut ex = Exchange::start(&self, &req, &conn);
         let result = self.forward(req, &conn, &mut ex).await;
-        let mut guard = None;
+        let (mut guard, mut revoked) = (None, false);
         let mut resp = match result.and_then(|resp| {
             let kind = match ex.tunnel {
                 Some(_) => Some(StreamKind::WebSocket),
                 None => stream_kind(&resp),
             };
             if let Some(kind) = kind {
-                guard = Some(self.register_stream(&mut ex, kind)?);
+                let registered = self.register_stream(&mut ex, kind);
+                revoked = registered.is_err();
+                guard = Some(registered?);
             }
             Ok(resp)
         }) {
@@ -139,7 +141,7 @@ impl Proxy {
                 // A stream refused as it starts drops the backend's answer (and upgrade).
                 ex.tunnel = None;
                 let resp = self.refusal(&reject, &mut ex).map(Either::Right);
-                if ex.verified_gone {
+                if revoked {
                     ex.record.outcome = "revoked";
                 }
                 resp
@@ -218,7 +220,6 @@ impl Proxy {
                     "credential no longer valid as its stream starts: stream refused"
                 );
                 guard.revoke();
-                ex.verified_gone = true;
                 return Err(reject);
             }
         }
@@ -287,7 +288,7 @@ impl Proxy {
         Proxy::authorize(identity, method, &admitted.path)?;
         self.rate_limit(identity, ex).await?;
         let how = admitted.upgrade.as_ref().map(|(how, _)| *how);
-        self.rewrite(&mut parts, &admitted.path, identity, how, conn, ex)?;
+        self.rewrite(&mut parts, &admitted.path, &verified, how, conn, ex)?;
         ex.verified = Some(verified);
         let body = ClientBody::new(
             body,
@@ -397,11 +398,12 @@ impl Proxy {
         &self,
         parts: &mut Parts,
         path: &str,
-        identity: &Identity,
+        verified: &Verified,
         upgrade: Option<Upgrade>,
         conn: &ConnInfo,
         ex: &Exchange,
     ) -> Result<(), Reject> {
+        let (identity, carrier) = (&verified.identity, verified.carrier.as_ref());
         let up = &self.upstream.config;
         let client_host = parts.headers.get(header::HOST).cloned().or_else(|| {
             parts
@@ -430,7 +432,7 @@ impl Proxy {
         headers::remove_all(h, &self.request_strip);
         headers::remove_underscored(h);
         if up.pass_credentials {
-            self.keep_only_verified_credential(h, identity);
+            self.keep_only_verified_credential(h, carrier);
         }
         headers::set_forwarded(
             h,
@@ -466,20 +468,12 @@ impl Proxy {
     }
 
     /// With `pass_credentials`, the backend gets the credential that was verified and no other:
-    /// the header authentication read (the first of `api_key_headers` present, or
-    /// `Authorization` for Basic), none at all for an anonymous or certificate identity.
-    fn keep_only_verified_credential(&self, h: &mut http::HeaderMap, identity: &Identity) {
+    /// the header authentication read it from (`carrier`), none at all for an anonymous or
+    /// certificate identity.
+    fn keep_only_verified_credential(&self, h: &mut http::HeaderMap, carrier: Option<&HeaderName>) {
         let names = &self.config.auth.api_key_headers;
-        let verified = match identity {
-            Identity::Key(_) | Identity::User(_) => names
-                .iter()
-                .find(|n| h.contains_key(*n))
-                .cloned()
-                .or(Some(header::AUTHORIZATION)),
-            Identity::ClientCert(_) | Identity::Anonymous => None,
-        };
         for name in names.iter().chain([&header::AUTHORIZATION]) {
-            if verified.as_ref() != Some(name) {
+            if carrier != Some(name) {
                 h.remove(name);
             }
         }
