@@ -99,25 +99,21 @@ impl Streams {
 
     /// Close every live stream whose credential matches; returns how many were closed.
     pub fn revoke(&self, matches: impl Fn(&CredId) -> bool) -> usize {
-        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        let mut closed = 0;
-        for entry in live.values() {
-            if matches(&entry.cred) && !entry.cancel.is_cancelled() {
-                entry.cancel.cancel();
-                closed += 1;
-            }
-        }
-        self.revoked.fetch_add(closed as u64, Ordering::Relaxed);
-        closed
+        self.revoke_each(matches).values().sum()
     }
 
     /// Close every live stream opened with one of `creds`, in one pass over the registry;
     /// returns how many were closed per credential (absent: none).
     pub fn revoke_all(&self, creds: &std::collections::HashSet<&CredId>) -> HashMap<CredId, usize> {
+        self.revoke_each(|c| creds.contains(c))
+    }
+
+    /// Close every live stream whose credential matches, in one pass; how many per credential.
+    fn revoke_each(&self, matches: impl Fn(&CredId) -> bool) -> HashMap<CredId, usize> {
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         let mut closed: HashMap<CredId, usize> = HashMap::new();
         for entry in live.values() {
-            if creds.contains(&entry.cred) && !entry.cancel.is_cancelled() {
+            if matches(&entry.cred) && !entry.cancel.is_cancelled() {
                 entry.cancel.cancel();
                 *closed.entry(entry.cred.clone()).or_default() += 1;
             }
