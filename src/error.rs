@@ -8,6 +8,18 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
+/// An error with every cause under it, `outer: inner: …`, for logs.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(err) = cur {
+        s.push_str(": ");
+        s.push_str(&err.to_string());
+        cur = err.source();
+    }
+    s
+}
+
 /// Why a presented key was refused. Defined here, where every refusal is, and used by the
 /// keys-file lookup (`auth::api_key`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,6 +27,45 @@ pub enum KeyRefusal {
     Unknown,
     Disabled,
     Expired,
+}
+
+/// Why a JWT access token was refused (`[auth.jwt]`). Each is an `invalid_token` to the
+/// client; logs and metrics tell them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRefusal {
+    /// Not a JWS, or a header that does not parse (including `alg: none`).
+    Malformed,
+    /// An algorithm off the allow-list (HMAC always), or one the key's type or `alg` disagrees with.
+    Algorithm,
+    /// No key of the issuer's set has the token's `kid`.
+    UnknownKey,
+    Signature,
+    Issuer,
+    Audience,
+    Expired,
+    NotYetValid,
+    /// The header's `typ` is not the configured one.
+    Type,
+    /// A claim missing or of the wrong type (the identity claim, `exp`).
+    Claims,
+}
+
+impl TokenRefusal {
+    /// The `reason` of logs and of `portcullis_auth_failures_total`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            TokenRefusal::Malformed => "jwt_malformed",
+            TokenRefusal::Algorithm => "jwt_algorithm",
+            TokenRefusal::UnknownKey => "jwt_unknown_key",
+            TokenRefusal::Signature => "jwt_signature",
+            TokenRefusal::Issuer => "jwt_issuer",
+            TokenRefusal::Audience => "jwt_audience",
+            TokenRefusal::Expired => "jwt_expired",
+            TokenRefusal::NotYetValid => "jwt_not_yet_valid",
+            TokenRefusal::Type => "jwt_type",
+            TokenRefusal::Claims => "jwt_claims",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,6 +82,15 @@ pub enum Reject {
     /// Unknown, disabled or expired key.
     #[error("invalid token ({0:?})")]
     InvalidToken(KeyRefusal),
+    /// A JWT access token that does not verify.
+    #[error("invalid token ({0:?})")]
+    InvalidJwt(TokenRefusal),
+    /// A valid token without every scope needed (the scopes needed, space separated).
+    #[error("insufficient scope")]
+    InsufficientScope(Arc<str>),
+    /// On the MCP path: an `Origin` that is not allowed (DNS-rebinding defence).
+    #[error("forbidden origin")]
+    ForbiddenOrigin,
     /// No credential, and HTTP Basic is accepted: challenge for it (the realm).
     #[error("credentials required")]
     BasicRequired(Arc<str>),
@@ -72,9 +132,11 @@ impl Reject {
             Reject::MissingCredentials | Reject::MalformedCredentials | Reject::InvalidScheme => {
                 StatusCode::FORBIDDEN
             }
-            Reject::InvalidToken(_) | Reject::BasicRequired(_) | Reject::BadPassword(_) => {
-                StatusCode::UNAUTHORIZED
-            }
+            Reject::InvalidToken(_)
+            | Reject::InvalidJwt(_)
+            | Reject::BasicRequired(_)
+            | Reject::BadPassword(_) => StatusCode::UNAUTHORIZED,
+            Reject::InsufficientScope(_) | Reject::ForbiddenOrigin => StatusCode::FORBIDDEN,
             Reject::Banned { .. } | Reject::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Reject::Forbidden | Reject::ForbiddenNetwork => StatusCode::FORBIDDEN,
             Reject::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -91,7 +153,9 @@ impl Reject {
         match self {
             Reject::MissingCredentials | Reject::MalformedCredentials => "invalid_authorization",
             Reject::InvalidScheme => "invalid_scheme",
-            Reject::InvalidToken(_) => "invalid_token",
+            Reject::InvalidToken(_) | Reject::InvalidJwt(_) => "invalid_token",
+            Reject::InsufficientScope(_) => "insufficient_scope",
+            Reject::ForbiddenOrigin => "forbidden_origin",
             Reject::BasicRequired(_) | Reject::BadPassword(_) => "unauthorized",
             Reject::Banned { .. } => "banned",
             Reject::RateLimited { .. } => "rate_limited",
@@ -114,6 +178,10 @@ impl Reject {
             Reject::MalformedCredentials => "The credentials in the request are malformed.",
             Reject::InvalidScheme => "This authorization scheme is not accepted.",
             Reject::InvalidToken(_) => "The API key is not valid.",
+            Reject::InvalidJwt(TokenRefusal::Expired) => "The access token has expired.",
+            Reject::InvalidJwt(_) => "The access token is not valid.",
+            Reject::InsufficientScope(_) => "The access token lacks a scope this needs.",
+            Reject::ForbiddenOrigin => "Requests from this origin are not accepted.",
             Reject::BasicRequired(_) => "Authentication is required.",
             Reject::BadPassword(_) => "The user name or password is not valid.",
             Reject::Banned { .. } => "Too many failed authentications; try again later.",
@@ -138,8 +206,11 @@ impl Reject {
             | Reject::MalformedCredentials
             | Reject::InvalidScheme
             | Reject::InvalidToken(_)
+            | Reject::InvalidJwt(_)
             | Reject::BasicRequired(_)
             | Reject::BadPassword(_) => "unauthenticated",
+            Reject::InsufficientScope(_) => "insufficient_scope",
+            Reject::ForbiddenOrigin => "forbidden_origin",
             Reject::Banned { .. } => "banned",
             Reject::RateLimited { .. } => "rate_limited",
             Reject::Forbidden => "forbidden",
@@ -160,17 +231,21 @@ impl Reject {
             | Reject::MalformedCredentials
             | Reject::InvalidScheme
             | Reject::InvalidToken(_)
+            | Reject::InvalidJwt(_)
             | Reject::BasicRequired(_)
             | Reject::BadPassword(_) => 16, // UNAUTHENTICATED
-            Reject::Forbidden | Reject::ForbiddenNetwork => 7, // PERMISSION_DENIED
+            Reject::Forbidden
+            | Reject::ForbiddenNetwork
+            | Reject::InsufficientScope(_)
+            | Reject::ForbiddenOrigin => 7, // PERMISSION_DENIED
             Reject::Banned { .. }
             | Reject::RateLimited { .. }
             | Reject::PayloadTooLarge
             | Reject::HeadersTooLarge => 8, // RESOURCE_EXHAUSTED
-            Reject::BadRequest => 3,                           // INVALID_ARGUMENT
-            Reject::UpstreamUnavailable => 14,                 // UNAVAILABLE
-            Reject::UpstreamTimeout => 4,                      // DEADLINE_EXCEEDED
-            Reject::UpgradeUnsupported => 12,                  // UNIMPLEMENTED
+            Reject::BadRequest => 3,           // INVALID_ARGUMENT
+            Reject::UpstreamUnavailable => 14, // UNAVAILABLE
+            Reject::UpstreamTimeout => 4,      // DEADLINE_EXCEEDED
+            Reject::UpgradeUnsupported => 12,  // UNIMPLEMENTED
         }
     }
 
@@ -224,7 +299,10 @@ impl Reject {
             Reject::InvalidToken(KeyRefusal::Unknown) => ("invalid_token", true),
             Reject::InvalidToken(KeyRefusal::Disabled) => ("disabled", true),
             Reject::InvalidToken(KeyRefusal::Expired) => ("expired", true),
-            Reject::Banned { .. }
+            Reject::InvalidJwt(r) => (r.reason(), true),
+            Reject::InsufficientScope(_)
+            | Reject::ForbiddenOrigin
+            | Reject::Banned { .. }
             | Reject::RateLimited { .. }
             | Reject::Forbidden
             | Reject::ForbiddenNetwork
@@ -263,11 +341,17 @@ impl Reject {
         );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         match self {
-            Reject::InvalidToken(_) => {
+            Reject::InvalidToken(_) | Reject::InvalidJwt(_) => {
                 h.insert(
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer error=\"invalid_token\""),
                 );
+            }
+            Reject::InsufficientScope(scopes) => {
+                let challenge = format!("Bearer error=\"insufficient_scope\", scope=\"{scopes}\"");
+                if let Ok(v) = HeaderValue::from_str(&challenge) {
+                    h.insert(header::WWW_AUTHENTICATE, v);
+                }
             }
             Reject::BasicRequired(realm) | Reject::BadPassword(realm) => {
                 // RFC 7617: the realm, and UTF-8 as the credentials' charset.

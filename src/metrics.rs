@@ -175,6 +175,8 @@ pub struct Sources {
     pub reloads: Arc<dyn ReloadReport>,
     /// The shared Redis, when limits and bans are kept there.
     pub redis: Option<Arc<RedisLink>>,
+    /// The issuer's key set, with `[auth.jwt]`.
+    pub jwks: Option<Arc<crate::auth::jwks::Jwks>>,
 }
 
 /// The registry served on `/metrics`: the event metrics and the state collector.
@@ -307,6 +309,9 @@ impl Collector for State {
             "Credential snapshot generation: 1 at start, one more per reload that changed something",
             snapshot.generation as f64,
         )?;
+        if let Some(jwks) = &s.jwks {
+            jwks_state(&mut e, &jwks.status())?;
+        }
         if let Some(link) = &s.redis {
             counter(
                 &mut e,
@@ -317,6 +322,44 @@ impl Collector for State {
         }
         Ok(())
     }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+/// The issuer's key set: how many keys are in force, fetches by result, when it last loaded.
+fn jwks_state(e: &mut DescriptorEncoder, st: &crate::auth::jwks::JwksStatus) -> std::fmt::Result {
+    gauge(
+        e,
+        "portcullis_jwks_keys",
+        "Signing keys of the issuer's key set in force (0: every token is refused)",
+        st.keys as f64,
+    )?;
+    {
+        let mut m = e.encode_descriptor(
+            "portcullis_jwks_fetches",
+            "Fetches of the issuer's key set (jwks_url or discovered), by result",
+            None,
+            MetricType::Counter,
+        )?;
+        for (result, n) in [("ok", st.fetches_ok), ("error", st.fetches_failed)] {
+            ConstCounter::new(n).encode(m.encode_family(&ResultLabels { result })?)?;
+        }
+    }
+    counter(
+        e,
+        "portcullis_jwks_unknown_kid_refetches",
+        "Fetches asked for by a token whose kid was not in the key set (at most one per min_refresh_interval)",
+        st.unknown_kid_refetches,
+    )?;
+    gauge(
+        e,
+        "portcullis_jwks_last_success_timestamp_seconds",
+        "When the key set last loaded (Unix time; 0: never)",
+        st.last_success.map_or(0.0, unix_seconds),
+    )
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -62,6 +62,7 @@ impl Subject {
             }
             Subject::Credential(CredId::User(u)) => format!("u:{u}"),
             Subject::Credential(CredId::ClientCert(c)) => format!("c:{c}"),
+            Subject::Credential(CredId::Token(t)) => format!("t:{t}"),
             Subject::Credential(CredId::Anonymous) => "anon".into(),
             Subject::Address(client) => client.redis_id(),
         }

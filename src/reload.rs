@@ -27,6 +27,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::api_key::KeySet;
 use crate::auth::htpasswd::Htpasswd;
+use crate::auth::jwks::Jwks;
+use crate::auth::jwt::{JwkKeys, JwksSource};
 use crate::auth::{CredId, Snapshot};
 use crate::config::Config;
 use crate::diag::Diagnostic;
@@ -79,6 +81,8 @@ pub struct Reloader {
     pub keys: Option<Mutex<FileStatus>>,
     /// The htpasswd file's reload status, when there is one.
     pub htpasswd: Option<Mutex<FileStatus>>,
+    /// `[auth.jwt] jwks_file`: its reload status and the key set it feeds.
+    pub jwks: Option<(Mutex<FileStatus>, Arc<Jwks>)>,
     htpasswd_plaintext: bool,
     /// The served certificate and the files it comes from, when TLS is on.
     cert: Option<(Arc<CertResolver>, TlsConfig)>,
@@ -92,13 +96,19 @@ impl Reloader {
         credentials: Arc<ArcSwap<Snapshot>>,
         streams: Arc<Streams>,
         cert: Option<Arc<CertResolver>>,
+        jwks: Option<Arc<Jwks>>,
     ) -> Reloader {
+        let jwks_file = match config.auth.jwt.as_ref().map(|j| &j.source) {
+            Some(JwksSource::File(p)) => Some(p.clone()),
+            _ => None,
+        };
         let status = |p: &Option<PathBuf>| p.clone().map(|p| Mutex::new(FileStatus::new(p)));
         Reloader {
             credentials,
             streams,
             keys: status(&config.auth.keys_file),
             htpasswd: status(&config.auth.htpasswd_file),
+            jwks: status(&jwks_file).zip(jwks),
             htpasswd_plaintext: config.auth.htpasswd_plaintext,
             cert: cert.zip(config.tls.as_ref().map(|t| t.files.clone())),
             serial: Mutex::new(()),
@@ -129,6 +139,17 @@ impl Reloader {
             .into_iter()
             .filter_map(|s| Reloader::status(s).map(|s| s.file))
             .collect();
+        if let Some((status, _)) = &self.jwks {
+            let file = status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .file
+                .clone();
+            let this = self.clone();
+            let w = watch(&[file], stop.clone(), move || this.reload_jwks())
+                .map_err(|e| anyhow::anyhow!("cannot watch the JWKS file: {e}"))?;
+            watchers.push(w);
+        }
         if !credential_files.is_empty() {
             let this = self.clone();
             let w = watch(&credential_files, stop.clone(), move || {
@@ -146,6 +167,7 @@ impl Reloader {
         off_runtime(move || {
             this.reload_certificate();
             this.reload_credentials();
+            this.reload_jwks();
         })
         .await;
     }
@@ -243,6 +265,24 @@ impl Reloader {
         drop(old);
     }
 
+    /// Re-read `jwks_file` and swap in its keys; a file that does not parse, or holds no
+    /// usable key, keeps the last good set. Blocking: reads and parses.
+    pub fn reload_jwks(&self) {
+        let Some((status, jwks)) = &self.jwks else {
+            return;
+        };
+        if let Attempt::Loaded(keys) = attempt(status, "jwks", JwkKeys::parse_file) {
+            tracing::info!(
+                event = "reload",
+                file = "jwks",
+                result = "ok",
+                keys = keys.len(),
+                "JWKS reloaded"
+            );
+            jwks.install(keys);
+        }
+    }
+
     /// Close the streams of keys whose `expires` passed in `(since, now]`.
     pub fn revoke_expired(&self, since: SystemTime, now: SystemTime) {
         let snapshot = self.credentials.load();
@@ -290,8 +330,14 @@ impl Reloader {
 impl crate::metrics::ReloadReport for Reloader {
     fn rows(&self) -> Vec<crate::metrics::ReloadRow> {
         let mut rows = Vec::new();
-        for (file, status) in [("keys", &self.keys), ("htpasswd", &self.htpasswd)] {
-            if let Some(s) = Reloader::status(status) {
+        let jwks = self.jwks.as_ref().map(|(s, _)| s);
+        let files = [
+            ("keys", self.keys.as_ref()),
+            ("htpasswd", self.htpasswd.as_ref()),
+            ("jwks", jwks),
+        ];
+        for (file, status) in files {
+            if let Some(s) = status.map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone()) {
                 rows.push(crate::metrics::ReloadRow {
                     file,
                     ok: s.reloads_ok,

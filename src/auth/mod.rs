@@ -10,6 +10,8 @@
 pub mod api_key;
 pub mod basic;
 pub mod htpasswd;
+pub mod jwks;
+pub mod jwt;
 
 use std::fmt;
 use std::net::IpAddr;
@@ -24,6 +26,8 @@ use crate::error::{KeyRefusal, Reject};
 use api_key::{ApiKey, KeySet};
 use basic::{BasicVerifier, Verdict};
 use htpasswd::Htpasswd;
+use jwks::Jwks;
+use jwt::{JwtConfig, TokenIdentity};
 
 /// `[auth]`, validated, with the keys and htpasswd files it names loaded.
 #[derive(Debug, Clone)]
@@ -47,6 +51,8 @@ pub struct AuthConfig {
     pub anonymous: bool,
     /// With mTLS, a verified client certificate is a credential (its CN or first SAN).
     pub client_cert_identity: bool,
+    /// `[auth.jwt]`: JWT access tokens from an OAuth 2.1 / OIDC issuer.
+    pub jwt: Option<JwtConfig>,
 }
 
 /// The credentials in force: everything a request reads that a reload may replace, built
@@ -100,6 +106,8 @@ pub struct Auth {
     pub credentials: Arc<ArcSwap<Snapshot>>,
     pub bans: Arc<Bans>,
     pub basic: BasicVerifier,
+    /// JWT access tokens and the issuer's key set, with `[auth.jwt]`.
+    pub jwt: Option<Arc<Jwks>>,
     api_key_headers: Vec<HeaderName>,
     anonymous: bool,
     client_cert_identity: bool,
@@ -112,6 +120,7 @@ impl Auth {
             credentials: Arc::new(ArcSwap::from_pointee(Snapshot::from_config(config))),
             bans,
             basic: BasicVerifier::new(config.htpasswd_cache_ttl, config.htpasswd_cache_entries),
+            jwt: config.jwt.clone().map(|j| Arc::new(Jwks::new(j))),
             api_key_headers: config.api_key_headers.clone(),
             anonymous: config.anonymous,
             client_cert_identity: config.client_cert_identity,
@@ -174,7 +183,14 @@ impl Auth {
                     Err(Reject::BadPassword(self.realm.clone()))
                 }
             }
-            Identity::User(_) | Identity::ClientCert(_) | Identity::Anonymous => Ok(()),
+            // `expires` is `exp` with the leeway, as verification judged it.
+            Identity::Token(t) if now >= t.expires => {
+                Err(Reject::InvalidJwt(crate::error::TokenRefusal::Expired))
+            }
+            Identity::User(_)
+            | Identity::ClientCert(_)
+            | Identity::Token(_)
+            | Identity::Anonymous => Ok(()),
         }
     }
 
@@ -201,6 +217,7 @@ impl Auth {
             api_key_headers: &self.api_key_headers,
             anonymous: self.anonymous,
             basic_realm: snapshot.htpasswd.as_ref().map(|_| &self.realm),
+            jwt: self.jwt.is_some(),
         };
         let identity = match auth.extract(headers)? {
             None => match client_cert {
@@ -209,6 +226,12 @@ impl Auth {
                 _ => auth.without_credentials()?,
             },
             Some(Credential::ApiKey(token)) => auth.check_key(token, SystemTime::now())?,
+            Some(Credential::Jwt(token)) => {
+                let Some(jwks) = &self.jwt else {
+                    return Err(Reject::InvalidScheme);
+                };
+                Identity::Token(Arc::new(jwks.verify(token).await?))
+            }
             Some(Credential::Basic { user, password }) => {
                 let Some(file) = &snapshot.htpasswd else {
                     return Err(Reject::InvalidScheme);
@@ -222,7 +245,9 @@ impl Auth {
         };
         let carrier = match identity {
             Identity::Key(_) | Identity::User(_) => auth.carrier(headers),
-            Identity::ClientCert(_) | Identity::Anonymous => None,
+            // A token is never passed on, even with pass_credentials (MCP authorization: a
+            // server must not accept or transit tokens issued for another audience).
+            Identity::ClientCert(_) | Identity::Token(_) | Identity::Anonymous => None,
         };
         Ok(verified(identity, carrier))
     }
@@ -236,6 +261,8 @@ pub enum Identity {
     User(Arc<str>),
     /// A verified TLS client certificate (`client_cert_identity`), by its CN or first SAN.
     ClientCert(Arc<str>),
+    /// A verified JWT access token (`[auth.jwt]`), by its identity claim.
+    Token(Arc<TokenIdentity>),
     /// A `public_paths` request, or any request under `anonymous = true` without a credential.
     Anonymous,
 }
@@ -246,6 +273,7 @@ impl Identity {
         match self {
             Identity::Key(k) => Some(&k.name),
             Identity::User(u) | Identity::ClientCert(u) => Some(u),
+            Identity::Token(t) => Some(&t.subject),
             Identity::Anonymous => None,
         }
     }
@@ -256,6 +284,7 @@ impl Identity {
         match self {
             Identity::Key(k) => k.name_value.clone(),
             Identity::User(u) | Identity::ClientCert(u) => http::HeaderValue::from_str(u).ok(),
+            Identity::Token(t) => t.value.clone(),
             Identity::Anonymous => None,
         }
     }
@@ -263,6 +292,7 @@ impl Identity {
     pub fn fingerprint(&self) -> Option<&str> {
         match self {
             Identity::Key(k) => Some(&k.fingerprint),
+            Identity::Token(t) => Some(&t.fingerprint),
             Identity::User(_) | Identity::ClientCert(_) | Identity::Anonymous => None,
         }
     }
@@ -274,6 +304,7 @@ impl Identity {
             Identity::Key(k) => CredId::Key(*k.digest()),
             Identity::User(u) => CredId::User(u.clone()),
             Identity::ClientCert(c) => CredId::ClientCert(c.clone()),
+            Identity::Token(t) => CredId::Token(t.subject.clone()),
             Identity::Anonymous => CredId::Anonymous,
         }
     }
@@ -287,6 +318,8 @@ pub enum CredId {
     Key([u8; 32]),
     User(Arc<str>),
     ClientCert(Arc<str>),
+    /// A token's identity claim: every token of one subject shares a rate limit.
+    Token(Arc<str>),
     Anonymous,
 }
 
@@ -297,6 +330,7 @@ impl fmt::Debug for CredId {
             CredId::Key(d) => write!(f, "Key({})", &api_key::hex(d)[..12]),
             CredId::User(u) => write!(f, "User({u})"),
             CredId::ClientCert(c) => write!(f, "ClientCert({c})"),
+            CredId::Token(t) => write!(f, "Token({t})"),
             CredId::Anonymous => f.write_str("Anonymous"),
         }
     }
@@ -306,7 +340,12 @@ impl fmt::Debug for CredId {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Credential<'h> {
     ApiKey(&'h str),
-    Basic { user: String, password: Vec<u8> },
+    /// `Authorization: Bearer` with a JWT's shape, when `[auth.jwt]` is on.
+    Jwt(&'h str),
+    Basic {
+        user: String,
+        password: Vec<u8>,
+    },
 }
 
 /// What to accept, and how.
@@ -316,6 +355,8 @@ pub struct Authenticator<'a> {
     pub anonymous: bool,
     /// HTTP Basic is accepted (an htpasswd file is configured): the realm to challenge with.
     pub basic_realm: Option<&'a Arc<str>>,
+    /// JWT access tokens are accepted in `Authorization: Bearer` (`[auth.jwt]`).
+    pub jwt: bool,
 }
 
 static AUTHORIZATION: HeaderName = header::AUTHORIZATION;
@@ -364,19 +405,22 @@ impl Authenticator<'_> {
     }
 
     /// The header a request's credential is read from: the first of `api_key_headers` it
-    /// carries, else `Authorization` when HTTP Basic is accepted. `None`: no credential.
+    /// carries, else `Authorization` when HTTP Basic or JWTs are accepted. `None`: no
+    /// credential.
     pub fn carrier(&self, headers: &HeaderMap) -> Option<&HeaderName> {
         self.api_key_headers
             .iter()
             .find(|n| headers.contains_key(*n))
             .or_else(|| {
-                (self.basic_realm.is_some() && headers.contains_key(header::AUTHORIZATION))
-                    .then_some(&AUTHORIZATION)
+                ((self.basic_realm.is_some() || self.jwt)
+                    && headers.contains_key(header::AUTHORIZATION))
+                .then_some(&AUTHORIZATION)
             })
     }
 
-    /// An `Authorization` value: `Bearer <key>` (when `bearer` is accepted there) or, with an
-    /// htpasswd file, `Basic <base64>`. Any other scheme is refused.
+    /// An `Authorization` value: `Bearer <JWT>` with `[auth.jwt]` (a value with a JWT's shape
+    /// is always judged as one), `Bearer <key>` (when keys are accepted there: `bearer`) or,
+    /// with an htpasswd file, `Basic <base64>`. Any other scheme is refused.
     fn authorization<'h>(&self, value: &'h str, bearer: bool) -> Result<Credential<'h>, Reject> {
         let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
         if scheme.is_empty() {
@@ -385,8 +429,14 @@ impl Authenticator<'_> {
         if scheme.eq_ignore_ascii_case("basic") && self.basic_realm.is_some() {
             return parse_basic(rest.trim());
         }
-        if bearer && scheme.eq_ignore_ascii_case("bearer") {
-            return Ok(Credential::ApiKey(rest.trim()));
+        if scheme.eq_ignore_ascii_case("bearer") {
+            let token = rest.trim();
+            if self.jwt && jwt::looks_like_jwt(token) {
+                return Ok(Credential::Jwt(token));
+            }
+            if bearer {
+                return Ok(Credential::ApiKey(token));
+            }
         }
         Err(Reject::InvalidScheme)
     }
@@ -459,10 +509,11 @@ mod tests {
             api_key_headers: &names,
             anonymous,
             basic_realm: None,
+            jwt: false,
         };
         match a.extract(&map(headers))? {
             Some(Credential::ApiKey(token)) => a.check_key(token, SystemTime::now()),
-            Some(Credential::Basic { .. }) => panic!("Basic without htpasswd"),
+            Some(Credential::Basic { .. } | Credential::Jwt(_)) => panic!("not configured"),
             None => a.without_credentials(),
         }
     }
@@ -487,6 +538,7 @@ mod tests {
                 api_key_headers,
                 anonymous: false,
                 basic_realm: Some(&realm),
+                jwt: false,
             };
             // "alice:pa:ss" — the password may hold colons.
             let headers = map(&[("authorization", "Basic YWxpY2U6cGE6c3M=")]);

@@ -4,6 +4,7 @@
 //! `file:line:col: message`. Unknown keys are errors: a typo in an auth section must never
 //! quietly turn a check off.
 
+mod oauth;
 mod policy;
 mod raw;
 mod validate;
@@ -93,6 +94,8 @@ pub struct Config {
     pub rate_limit: crate::ratelimit::RateLimitConfig,
     pub headers: HeadersConfig,
     pub log: LogConfig,
+    /// `[mcp]`: the MCP endpoint, when configured.
+    pub mcp: Option<crate::mcp::McpConfig>,
     /// Things worth telling the operator that do not stop the proxy (weak password hashes).
     pub warnings: Vec<String>,
 }

@@ -21,9 +21,11 @@ impl Validator<'_> {
         &mut self,
         a: Option<Spanned<RawAuth>>,
         tls: Option<&Tls>,
+        mcp: Option<&crate::mcp::McpConfig>,
     ) -> Option<AuthConfig> {
         let span_holder = a.as_ref().map(|a| Spanned::new(a.span(), ()));
-        let a = a.map(|a| a.into_inner()).unwrap_or_default();
+        let mut a = a.map(|a| a.into_inner()).unwrap_or_default();
+        let jwt = self.jwt(a.jwt.take(), mcp);
         let anonymous = a.anonymous.unwrap_or(false);
 
         let htpasswd_plaintext = a.htpasswd_plaintext.unwrap_or(false);
@@ -53,8 +55,13 @@ impl Validator<'_> {
                 None => self.err_top(message),
             }
         }
-        if keys_file.is_none() && htpasswd_file.is_none() && !client_cert_identity && !anonymous {
-            let message = "no credential source: set [auth] keys_file = \"keys.toml\" (create keys with `portcullis keygen`) or htpasswd_file = \"htpasswd\", or set anonymous = true to let every request through unauthenticated";
+        if keys_file.is_none()
+            && htpasswd_file.is_none()
+            && jwt.is_none()
+            && !client_cert_identity
+            && !anonymous
+        {
+            let message = "no credential source: set [auth] keys_file = \"keys.toml\" (create keys with `portcullis keygen`), htpasswd_file = \"htpasswd\" or [auth.jwt], or set anonymous = true to let every request through unauthenticated";
             match &span_holder {
                 Some(s) => self.err(s, message),
                 None => self.err_top(message),
@@ -85,6 +92,7 @@ impl Validator<'_> {
             public_paths,
             anonymous,
             client_cert_identity,
+            jwt,
         })
     }
 

@@ -18,6 +18,36 @@ pub(super) struct RawConfig {
     pub(super) rate_limit: Option<RawRateLimit>,
     pub(super) headers: Option<RawHeaders>,
     pub(super) log: Option<RawLog>,
+    pub(super) mcp: Option<Spanned<RawMcp>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawJwt {
+    pub(super) issuer: S<String>,
+    pub(super) jwks_url: S<String>,
+    pub(super) jwks_file: S<String>,
+    pub(super) audiences: Option<Vec<Spanned<String>>>,
+    pub(super) algorithms: Option<Vec<Spanned<String>>>,
+    pub(super) leeway: S<String>,
+    pub(super) identity_claim: S<String>,
+    pub(super) required_scopes: Option<Vec<Spanned<String>>>,
+    pub(super) typ: S<String>,
+    pub(super) refresh_interval: S<String>,
+    pub(super) min_refresh_interval: S<String>,
+    pub(super) fetch_timeout: S<String>,
+    pub(super) ca: S<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMcp {
+    pub(super) path: S<String>,
+    pub(super) resource: S<String>,
+    pub(super) resource_name: S<String>,
+    pub(super) authorization_servers: Option<Vec<Spanned<String>>>,
+    pub(super) scopes_supported: Option<Vec<Spanned<String>>>,
+    pub(super) allowed_origins: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -118,6 +148,7 @@ pub(super) struct RawAuth {
     pub(super) public_paths: Option<Vec<Spanned<String>>>,
     pub(super) anonymous: Option<bool>,
     pub(super) client_cert_identity: Option<bool>,
+    pub(super) jwt: Option<Spanned<RawJwt>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -117,7 +117,20 @@ impl Validator<'_> {
                 None
             }
         };
-        let auth = self.auth(raw.auth, tls.as_ref());
+        let mcp_at = raw.mcp.as_ref().map(|m| Spanned::new(m.span(), ()));
+        let mut mcp = self.mcp(raw.mcp);
+        let auth = self.auth(raw.auth, tls.as_ref(), mcp.as_ref());
+        if let (Some(m), Some(jwt)) = (&mut mcp, auth.as_ref().and_then(|a| a.jwt.as_ref())) {
+            if m.resource.is_none() {
+                match &mcp_at {
+                    Some(at) => self.err(at, "[mcp] needs resource = \"https://mcp.example.com/mcp\" (the endpoint's public URL) when [auth.jwt] is on: clients find the sign-in through it"),
+                    None => self.err_top("[mcp] needs resource"),
+                }
+            }
+            if m.authorization_servers.is_empty() {
+                m.authorization_servers.push(jwt.issuer.clone());
+            }
+        }
         let ban = self.ban(raw.ban.unwrap_or_default());
         let rate_limit = self.rate_limit(raw.rate_limit.unwrap_or_default());
         let headers = self.headers(raw.headers.unwrap_or_default());
@@ -132,6 +145,7 @@ impl Validator<'_> {
             rate_limit,
             headers,
             log,
+            mcp,
             warnings: std::mem::take(&mut self.warnings),
         })
     }

@@ -61,6 +61,8 @@ pub struct Exchange {
     pub(super) client_trusted: bool,
     /// The rate limit verdict, for the `RateLimit` headers.
     pub(super) rate: Option<crate::ratelimit::Decision>,
+    /// A request on the MCP path: its answers get the MCP profile and CORS headers.
+    pub(super) mcp: Option<crate::mcp::McpRequest>,
 }
 
 impl Exchange {
@@ -112,6 +114,7 @@ impl Exchange {
             client_trusted: proxy.config.server.net.is_trusted(client),
             client,
             rate: None,
+            mcp: None,
         }
     }
 }

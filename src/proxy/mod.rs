@@ -31,6 +31,7 @@ use crate::config::{Config, HostHeader, UpstreamProtocol};
 use crate::conn::ConnInfo;
 use crate::error::Reject;
 use crate::headers::{self, RequestIds, X_REQUEST_ID};
+use crate::mcp::Mcp;
 use crate::metrics::Metrics;
 use crate::ratelimit::{RateLimits, Subject};
 use crate::streams::{StreamGuard, StreamKind, Streams};
@@ -64,6 +65,8 @@ pub struct Proxy {
     /// The event metrics (the registry adds state read at scrape time).
     pub metrics: Arc<Metrics>,
     limits: Limits,
+    /// The MCP endpoint (`[mcp]`): metadata, the MCP error profile, CORS, the Origin rule.
+    mcp: Option<Mcp>,
 }
 
 /// A request past [`Proxy::admit`]: its normalised path, and its WebSocket handshake if any.
@@ -85,6 +88,14 @@ impl Proxy {
             request_strip.extend(config.auth.api_key_headers.iter().cloned());
             request_strip.push(header::AUTHORIZATION);
         }
+        let mcp = config.mcp.as_ref().map(|m| {
+            let basic = config
+                .auth
+                .htpasswd_file
+                .as_ref()
+                .map(|_| config.auth.realm.as_str());
+            Mcp::new(m, config.auth.jwt.is_some(), basic, &config.auth.realm)
+        });
         let mut trailer_strip = headers::spoofable(&config.auth.identity_header);
         trailer_strip.extend(config.auth.api_key_headers.iter().cloned());
         trailer_strip.push(header::AUTHORIZATION);
@@ -107,7 +118,9 @@ impl Proxy {
             limits: Limits {
                 idle: config.server.stream_idle_timeout,
                 lifetime: config.server.max_stream_lifetime,
+                token_expires: None,
             },
+            mcp,
             config,
         }
     }
@@ -119,6 +132,10 @@ impl Proxy {
         conn: Arc<ConnInfo>,
     ) -> Result<Response<ResponseBody>, Infallible> {
         let mut ex = Exchange::start(&self, &req, &conn);
+        if let Some((resp, outcome, path)) = self.answer_locally(&req) {
+            (ex.record.path, ex.record.outcome) = (path, outcome);
+            return Ok(self.finish_local(resp, ex));
+        }
         let result = self.forward(req, &conn, &mut ex).await;
         let (mut guard, mut revoked) = (None, false);
         let mut resp = match result.and_then(|resp| {
@@ -149,6 +166,9 @@ impl Proxy {
         };
         resp.headers_mut()
             .insert(X_REQUEST_ID.clone(), ex.record.request_id.value().clone());
+        if let (Some(mcp), Some(req)) = (&self.mcp, &ex.mcp) {
+            mcp.cors(resp.headers_mut(), req);
+        }
         if let Some(decision) = &ex.rate {
             for (name, value) in decision.headers() {
                 resp.headers_mut().insert(name.clone(), value);
@@ -166,7 +186,8 @@ impl Proxy {
                     idle_limit: self.limits.idle,
                 }));
             };
-            self.spawn_tunnel(client, upstream, guard, ex, conn);
+            let limits = self.stream_limits(&ex);
+            self.spawn_tunnel(client, upstream, guard, ex, conn, limits);
             return Ok(resp.map(|inner| LoggedBody {
                 inner,
                 ex: None,
@@ -174,12 +195,63 @@ impl Proxy {
                 idle_limit: self.limits.idle,
             }));
         }
+        let limits = self.stream_limits(&ex);
         Ok(resp.map(|inner| LoggedBody {
             inner,
             ex: Some(ex),
-            watch: guard.map(|g| Watch::new(g, self.limits)),
+            watch: guard.map(|g| Watch::new(g, limits)),
             idle_limit: self.limits.idle,
         }))
+    }
+
+    /// The limits a stream lives under: the configured ones, and for a token the moment it
+    /// expires (the stream ends then, outcome `token_expired`).
+    fn stream_limits(&self, ex: &Exchange) -> Limits {
+        let mut limits = self.limits;
+        if let Some(Identity::Token(t)) = &ex.record.identity {
+            let left = t
+                .expires
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            limits.token_expires = Some(std::time::Instant::now() + left);
+        }
+        limits
+    }
+
+    /// What the proxy answers itself on the MCP endpoint's behalf, before any authentication:
+    /// Protected Resource Metadata and the CORS preflight. Logged like any request.
+    fn answer_locally(
+        &self,
+        req: &Request<Incoming>,
+    ) -> Option<(Response<Full<Bytes>>, &'static str, String)> {
+        let mcp = self.mcp.as_ref()?;
+        let path = crate::path::normalize(req.uri().path()).ok()?;
+        let (resp, outcome) = mcp.local(req, &path)?;
+        Some((resp, outcome, path))
+    }
+
+    /// A response of the proxy's own, finished like any other (request id, security headers,
+    /// the access-log line when its body ends).
+    fn finish_local(
+        &self,
+        mut resp: Response<Full<Bytes>>,
+        ex: Exchange,
+    ) -> Response<ResponseBody> {
+        resp.headers_mut()
+            .insert(X_REQUEST_ID.clone(), ex.record.request_id.value().clone());
+        headers::secure_response(resp.headers_mut(), &self.config.headers, self.tls);
+        if ex.unread_body && ex.record.protocol.starts_with("HTTP/1") {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        let mut ex = ex;
+        ex.record.status = resp.status().as_u16();
+        resp.map(|inner| LoggedBody {
+            inner: Either::Right(inner),
+            ex: Some(ex),
+            watch: None,
+            idle_limit: self.limits.idle,
+        })
     }
 
     /// A refusal as the client gets it: JSON (or gRPC's trailers-only form), counted, and with
@@ -195,6 +267,9 @@ impl Proxy {
         } else {
             reject.response()
         };
+        if let (Some(mcp), Some(_), false) = (&self.mcp, &ex.mcp, ex.grpc) {
+            mcp.profile(reject, &mut resp);
+        }
         if ex.unread_body && ex.record.protocol.starts_with("HTTP/1") {
             // Do not try to read what is left of a refused body: close instead.
             resp.headers_mut()
@@ -236,8 +311,9 @@ impl Proxy {
         guard: StreamGuard,
         mut ex: Exchange,
         conn: Arc<ConnInfo>,
+        limits: Limits,
     ) {
-        let (limits, force) = (self.limits, self.streams.force.clone());
+        let force = self.streams.force.clone();
         self.streams.tracker.spawn(async move {
             let (end, moved) = tunnel::run(client, upstream, guard, limits, force).await;
             ex.record.bytes = moved.down;
@@ -255,6 +331,12 @@ impl Proxy {
         ex: &mut Exchange,
     ) -> Result<Response<Incoming>, Reject> {
         let admitted = self.admit(&mut req, ex)?;
+        if let Some(mcp) = self.mcp.as_ref().filter(|m| m.is_endpoint(&admitted.path)) {
+            // The Origin rule comes first: a foreign page never learns more than 403.
+            ex.mcp = Some(crate::mcp::McpRequest::default());
+            ex.mcp = Some(mcp.check_origin(req.headers())?);
+            req.headers_mut().remove(header::ORIGIN);
+        }
         let (mut parts, body) = req.into_parts();
         let public = self
             .config
@@ -373,7 +455,10 @@ impl Proxy {
     async fn rate_limit(&self, identity: &Identity, ex: &mut Exchange) -> Result<(), Reject> {
         let (per_second, burst) = match identity {
             Identity::Key(k) => (k.requests_per_second, k.burst),
-            Identity::User(_) | Identity::ClientCert(_) | Identity::Anonymous => (None, None),
+            Identity::User(_)
+            | Identity::ClientCert(_)
+            | Identity::Token(_)
+            | Identity::Anonymous => (None, None),
         };
         let subject = Subject::of(ex.cred.as_ref(), ex.client);
         if ex.client_trusted && matches!(subject, Subject::Address(_)) {

@@ -106,6 +106,8 @@ pub enum End {
     Idle,
     /// `max_stream_lifetime` reached.
     Lifetime,
+    /// The access token it was opened with expired.
+    TokenExpired,
     /// The shutdown grace ran out.
     Shutdown,
 }
@@ -118,6 +120,7 @@ impl End {
             End::Revoked => "revoked",
             End::Idle => "stream_idle_timeout",
             End::Lifetime => "stream_lifetime",
+            End::TokenExpired => "token_expired",
             End::Shutdown => "shutdown",
         }
     }
@@ -128,6 +131,16 @@ impl End {
 pub struct Limits {
     pub idle: Duration,
     pub lifetime: Option<Duration>,
+    /// When the access token the stream was opened with expires.
+    pub token_expires: Option<Instant>,
+}
+
+/// Resolves at `at`, never when `None`.
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// What a finished tunnel moved.
@@ -187,6 +200,7 @@ pub async fn run(
         _ = revoked.cancelled() => End::Revoked,
         _ = force.cancelled() => End::Shutdown,
         _ = lifetime => End::Lifetime,
+        _ = until(limits.token_expires) => End::TokenExpired,
         _ = idle(&activity, limits.idle) => End::Idle,
     };
     let moved = Moved {
@@ -227,6 +241,7 @@ pub struct Watch {
     idle_limit: Duration,
     last_data: Instant,
     lifetime: Option<Pin<Box<Sleep>>>,
+    token_expires: Option<Pin<Box<Sleep>>>,
 }
 
 impl Watch {
@@ -239,6 +254,9 @@ impl Watch {
             idle_limit: limits.idle,
             last_data: Instant::now(),
             lifetime: limits.lifetime.map(|d| Box::pin(tokio::time::sleep(d))),
+            token_expires: limits
+                .token_expires
+                .map(|at| Box::pin(tokio::time::sleep_until(at.into()))),
         }
     }
 
@@ -252,6 +270,7 @@ impl Watch {
             idle_limit: idle,
             last_data: Instant::now(),
             lifetime: None,
+            token_expires: None,
         }
     }
 
@@ -270,6 +289,11 @@ impl Watch {
         if let Some(l) = &mut self.lifetime {
             if l.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(End::Lifetime);
+            }
+        }
+        if let Some(t) = &mut self.token_expires {
+            if t.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(End::TokenExpired);
             }
         }
         while self.idle.as_mut().poll(cx).is_ready() {

@@ -93,11 +93,11 @@ impl Upstream {
                     return Err(Reject::PayloadTooLarge);
                 }
                 if caused_by::<ClientBodyError>(&e) {
-                    tracing::debug!(request_id = %request_id, error = %error_chain(&e), "client request body failed");
+                    tracing::debug!(request_id = %request_id, error = %crate::error::chain(&e), "client request body failed");
                     return Err(Reject::BadRequest);
                 }
                 metrics.upstream_error(upstream_error_kind(&e));
-                tracing::warn!(request_id = %request_id, connect = e.is_connect(), error = %error_chain(&e), "upstream request failed");
+                tracing::warn!(request_id = %request_id, connect = e.is_connect(), error = %crate::error::chain(&e), "upstream request failed");
                 Err(Reject::UpstreamUnavailable)
             }
             Ok(Ok(resp)) => Ok(resp),
@@ -242,17 +242,6 @@ fn caused_by<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'stati
         cur = err.source();
     }
     false
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(err) = cur {
-        s.push_str(": ");
-        s.push_str(&err.to_string());
-        cur = err.source();
-    }
-    s
 }
 
 #[cfg(test)]

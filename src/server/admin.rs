@@ -25,6 +25,8 @@ pub struct Admin {
     pub streams: Arc<Streams>,
     pub tls: Option<Arc<CertResolver>>,
     pub registry: prometheus_client::registry::Registry,
+    /// The issuer's key set, with `[auth.jwt]`.
+    pub jwks: Option<Arc<crate::auth::jwks::Jwks>>,
 }
 
 /// `/healthz`: the process answers. `/readyz`: credentials are loaded and the backend accepts
@@ -132,7 +134,9 @@ async fn readiness(admin: &Admin) -> Response<Full<Bytes>> {
     let snapshot = admin.credentials.load();
     let keys_loaded = snapshot.keys.enabled_count();
     let users_loaded = snapshot.htpasswd.as_ref().map_or(0, |h| h.len());
-    let credentials_ok = cfg.auth.anonymous || keys_loaded > 0 || users_loaded > 0;
+    let jwks = admin.jwks.as_ref().map(|j| j.status());
+    let tokens_ok = jwks.as_ref().is_some_and(|j| j.loaded && j.keys > 0);
+    let credentials_ok = cfg.auth.anonymous || keys_loaded > 0 || users_loaded > 0 || tokens_ok;
     let authority = &cfg.upstream.authority;
     let default_port = if cfg.upstream.scheme == http::uri::Scheme::HTTPS {
         443
@@ -148,7 +152,10 @@ async fn readiness(admin: &Admin) -> Response<Full<Bytes>> {
         .await,
         Ok(Ok(_))
     );
-    let ready = credentials_ok && upstream_ok;
+    // With [auth.jwt], the issuer's key set must have loaded once: until then every token
+    // is refused (the reason is in "jwks").
+    let jwks_ok = jwks.as_ref().is_none_or(|j| j.loaded);
+    let ready = credentials_ok && upstream_ok && jwks_ok;
     let body = serde_json::json!({
         "ready": ready,
         "credentials": {
@@ -166,6 +173,7 @@ async fn readiness(admin: &Admin) -> Response<Full<Bytes>> {
                 "users": users_loaded,
                 "reload": Reloader::status(&admin.reloader.htpasswd),
             },
+            "jwks": jwks,
         },
         "streams": {
             "websocket": admin.streams.active(StreamKind::WebSocket),

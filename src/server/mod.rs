@@ -112,6 +112,7 @@ impl Server {
             auth.credentials.clone(),
             streams.clone(),
             resolver.clone(),
+            auth.jwt.clone(),
         ));
         let watchers = reloader.watch(&shutdown)?;
         let proxy = Arc::new(Proxy::new(
@@ -173,6 +174,7 @@ impl Server {
             credentials: auth.credentials.clone(),
             reloads: reloader.clone(),
             redis,
+            jwks: auth.jwt.clone(),
         };
         let admin = admin::Admin {
             registry: crate::metrics::registry(&proxy.metrics, metrics),
@@ -181,8 +183,15 @@ impl Server {
             reloader: reloader.clone(),
             streams,
             tls: resolver,
+            jwks: auth.jwt.clone(),
         };
         spawn_admin(&ctx, listeners.admin, admin);
+        if let Some(jwks) = &auth.jwt {
+            // Keeps a fetched key set fresh (a jwks_file is the reloader's).
+            server
+                .tracker
+                .spawn(jwks.clone().run(server.shutdown.clone()));
+        }
 
         if let Some(listener) = listeners.redirect {
             spawn_redirect(&ctx, listener, local_addr.port(), &config);
