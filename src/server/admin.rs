@@ -173,7 +173,17 @@ async fn readiness(admin: &Admin) -> Response<Full<Bytes>> {
                 "users": users_loaded,
                 "reload": Reloader::status(&admin.reloader.htpasswd),
             },
-            "jwks": jwks,
+            "jwks": jwks.map(|j| {
+                let mut v = serde_json::to_value(j).unwrap_or_default();
+                // For a jwks_file: its reload status, as for the keys file.
+                if let Some((status, _)) = &admin.reloader.jwks {
+                    v["reload"] = serde_json::to_value(
+                        status.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                    )
+                    .unwrap_or_default();
+                }
+                v
+            }),
         },
         "streams": {
             "websocket": admin.streams.active(StreamKind::WebSocket),

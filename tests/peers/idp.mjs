@@ -34,11 +34,22 @@ function json(res, status, body, headers = {}) {
   res.end(JSON.stringify(body));
 }
 
-// The token endpoint: aud from the `resource` parameter (RFC 8707), scope kept, client_id set.
+// What each authorization code was issued for (the scope asked at /authorize), for the token.
+const granted = new Map();
+server.service.on("beforeAuthorizeRedirect", (redirect, req) => {
+  const code = redirect.url.searchParams.get("code");
+  if (code) granted.set(code, { scope: req.query.scope, resource: req.query.resource });
+});
+
+// The token endpoint: aud from the `resource` parameter (RFC 8707), the scope granted at
+// /authorize (or asked now), client_id set.
 server.service.on("beforeTokenSigning", (token, req) => {
   const body = req.body || {};
-  if (body.resource) token.payload.aud = body.resource;
-  if (body.scope) token.payload.scope = body.scope;
+  const grant = (body.code && granted.get(body.code)) || {};
+  const resource = body.resource || grant.resource;
+  if (resource) token.payload.aud = resource;
+  const scope = body.scope || grant.scope;
+  if (scope) token.payload.scope = scope;
   if (body.client_id) token.payload.client_id = body.client_id;
   token.payload.sub = token.payload.sub || "johndoe";
 });
@@ -96,6 +107,9 @@ const httpServer = http.createServer(async (req, res) => {
     switch (url.pathname) {
       case "/test/token":
         return json(res, 200, { token: await mint(spec) });
+      case "/test/jwks":
+        // The published key set, for a test that writes it to a jwks_file.
+        return json(res, 200, { keys: server.issuer.keys.toJSON() });
       case "/test/forge": {
         // Unsigned (alg none), or HS256 with the RSA public key as the HMAC secret.
         const header = spec.alg === "none" ? { alg: "none", typ: "JWT", kid: current.kid } : { alg: "HS256", typ: "JWT", kid: current.kid };
@@ -116,7 +130,12 @@ const httpServer = http.createServer(async (req, res) => {
         jwksFails = spec.fail === true;
         return json(res, 200, { fail: jwksFails });
       case "/test/stats":
-        return json(res, 200, { jwks_requests: jwksRequests, clients: clients.size });
+        return json(res, 200, {
+          jwks_requests: jwksRequests,
+          clients: clients.size,
+          signing_kid: current.kid,
+          keys: server.issuer.keys.toJSON().map((k) => ({ kid: k.kid, alg: k.alg })),
+        });
       default:
         return json(res, 404, { error: "not_found" });
     }
