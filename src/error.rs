@@ -388,8 +388,12 @@ mod tests {
             Reject::InvalidToken(KeyRefusal::Disabled),
             Reject::InvalidToken(KeyRefusal::Expired),
             Reject::BadPassword("r".into()),
+            Reject::InvalidJwt(TokenRefusal::Expired),
+            Reject::InvalidJwt(TokenRefusal::UnknownKey),
         ];
         let not_counted = [
+            Reject::InsufficientScope("mcp:tools".into()),
+            Reject::ForbiddenOrigin,
             Reject::MissingCredentials,
             Reject::BasicRequired("r".into()),
             Reject::Banned { retry_after: 1 },

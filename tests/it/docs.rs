@@ -11,7 +11,8 @@ fn read(rel: &str) -> String {
 }
 
 /// `section.key` for every key of a TOML example, commented-out ones included. A
-/// `[headers.set]` table counts as the key `headers.set`.
+/// sub-table (`[headers.set]`, `[auth.jwt]`) counts as a key of its table, and its own keys are
+/// `auth.jwt.issuer`.
 fn example_keys(text: &str, default_section: &str) -> BTreeSet<String> {
     let mut section = default_section.to_string();
     let mut keys = BTreeSet::new();
@@ -27,12 +28,11 @@ fn example_keys(text: &str, default_section: &str) -> BTreeSet<String> {
             })
         {
             let name = name.trim_start_matches('[');
-            match name.split_once('.') {
-                Some((table, sub)) => {
-                    keys.insert(format!("{table}.{sub}"));
-                }
-                None => section = name.to_string(),
+            if let Some((table, sub)) = name.split_once('.') {
+                // A sub-table is a key of its table, and a section of its own keys.
+                keys.insert(format!("{table}.{sub}"));
             }
+            section = name.to_string();
             continue;
         }
         let Some((key, _)) = line.split_once('=') else {
