@@ -12,6 +12,12 @@
 #                    never to fire; nginx: a `map` on the header (401 otherwise), four
 #                    `add_header ... always`, `proxy_set_header`s, `limit_req` on the header
 #   apikey-tls       the same over TLS 1.3 (keep-alive), both with the same certificate
+#   jwt              the apikey job with an OAuth JWT access token (RS256, 2048-bit) instead of
+#                    a key: portcullis checks it against a jwks_file ([auth.jwt]); the token
+#                    and key set come from the test OAuth server (tests/peers/idp.mjs; run
+#                    `npm ci` in tests/peers first). nginx has no JWT check (nginx Plus
+#                    does): it does the apikey job with the whole token as the key. Compare
+#                    portcullis' row with its apikey row: the ratio is the token's cost
 #   noauth           no authentication (portcullis anonymous = true; nginx plain proxy_pass)
 #   idle10k          10,000 idle keep-alive connections held open: resident memory of each
 #                    proxy (RSS after minus before), not throughput
@@ -307,6 +313,26 @@ key = \"$work/tls.key\""
         NGINX_MAIN=$main nginx_conf "$s-nginx" "$JOB_HTTP
           server { $listen; location / { if (\$bench_ok = 0) { return 401; } $location $JOB } }"
         auth="keys_file = \"$dir/keys.toml\""
+        rate="requests_per_second = 100000
+burst = 100000"
+        ;;
+      jwt)
+        [ -d tests/peers/node_modules/oauth2-mock-server ] || { echo "jwt: run npm ci in tests/peers first" >&2; exit 1; }
+        coproc IDP { exec node tests/peers/idp.mjs; }
+        read -r _ idp_url <&"${IDP[0]}"
+        token=$(curl -s -X POST "$idp_url/test/token" \
+          -d '{"claims": {"aud": "bench", "sub": "bench"}, "expiresIn": 86400}' |
+          python3 -c 'import json, sys; print(json.load(sys.stdin)["token"])')
+        curl -s -X POST "$idp_url/test/jwks" > "$dir/jwks.json"
+        kill "$IDP_PID"
+        auth_header=("Authorization: Bearer $token")
+        job_http=${JOB_HTTP//$KEY/$token}
+        NGINX_MAIN="" nginx_conf "$s-nginx" "${job_http/map_hash_bucket_size 128/map_hash_bucket_size 2048}
+          server { listen 127.0.0.1:$NGINX_PORT; location / { if (\$bench_ok = 0) { return 401; } $PROXY_LOCATION $JOB } }"
+        auth="[auth.jwt]
+issuer = \"$idp_url\"
+jwks_file = \"$dir/jwks.json\"
+audiences = [\"bench\"]"
         rate="requests_per_second = 100000
 burst = 100000"
         ;;

@@ -189,5 +189,101 @@ fn reload(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench, rate_limit, reload);
+/// The PKCS#1 RSAPrivateKey inside a PKCS#8 PrivateKeyInfo (SEQUENCE { version, algorithm,
+/// OCTET STRING privateKey }): jsonwebtoken signs with the former, rcgen writes the latter.
+fn pkcs1_of(pkcs8: &[u8]) -> &[u8] {
+    // One DER TLV at `at`: (where its content starts, its length).
+    let tlv = |at: usize| -> (usize, usize) {
+        let first = pkcs8[at + 1] as usize;
+        if first < 0x80 {
+            return (at + 2, first);
+        }
+        let n = first & 0x7f;
+        let len = pkcs8[at + 2..at + 2 + n]
+            .iter()
+            .fold(0usize, |acc, b| acc << 8 | *b as usize);
+        (at + 2 + n, len)
+    };
+    let (body, _) = tlv(0);
+    let (v, vlen) = tlv(body);
+    let (a, alen) = tlv(v + vlen);
+    let (k, klen) = tlv(a + alen);
+    &pkcs8[k..k + klen]
+}
+
+/// A token signed with a fresh key of `alg`, and the JWKS that verifies it.
+fn signed(alg: jsonwebtoken::Algorithm) -> (String, String) {
+    use jsonwebtoken::{EncodingKey, Header};
+    let (pair, key) = match alg {
+        jsonwebtoken::Algorithm::RS256 => {
+            let pair =
+                rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
+                    .unwrap();
+            let key = EncodingKey::from_rsa_der(pkcs1_of(&pair.serialize_der()));
+            (pair, key)
+        }
+        _ => {
+            let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+            let key = EncodingKey::from_ec_der(&pair.serialize_der());
+            (pair, key)
+        }
+    };
+    drop(pair);
+    let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&key, alg).unwrap();
+    jwk.common.key_id = Some("bench".into());
+    let mut header = Header::new(alg);
+    header.kid = Some("bench".into());
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = serde_json::json!({
+        "iss": "https://idp.example.com/realms/acme",
+        "aud": "https://mcp.example.com/mcp",
+        "sub": "alice",
+        "scope": "mcp:tools",
+        "iat": now,
+        "exp": now + 3600,
+    });
+    let token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+    (token, serde_json::json!({ "keys": [jwk] }).to_string())
+}
+
+/// The cost of a token check with the key set cached: header, signature, claims, identity.
+fn jwt(c: &mut Criterion) {
+    use portcullis::auth::jwt::{JwkKeys, JwksSource, Jwt, JwtConfig};
+    let config = JwtConfig {
+        issuer: "https://idp.example.com/realms/acme".into(),
+        source: JwksSource::Discover,
+        audiences: vec!["https://mcp.example.com/mcp".into()],
+        algorithms: vec![
+            jsonwebtoken::Algorithm::RS256,
+            jsonwebtoken::Algorithm::ES256,
+        ],
+        leeway: Duration::from_secs(60),
+        identity_claim: "sub".into(),
+        required_scopes: vec!["mcp:tools".into()],
+        typ: None,
+        refresh_interval: Duration::from_secs(300),
+        min_refresh_interval: Duration::from_secs(30),
+        fetch_timeout: Duration::from_secs(5),
+        roots: std::sync::Arc::new(rustls::RootCertStore::empty()),
+        file_keys: None,
+    };
+    let jwt = Jwt::new(config);
+    for (name, alg) in [
+        (
+            "jwt RS256 (2048-bit), keys cached",
+            jsonwebtoken::Algorithm::RS256,
+        ),
+        ("jwt ES256, keys cached", jsonwebtoken::Algorithm::ES256),
+    ] {
+        let (token, jwks) = signed(alg);
+        let (keys, _) = JwkKeys::parse(&jwks).unwrap();
+        assert_eq!(&*jwt.verify(&token, &keys).unwrap().subject, "alice");
+        c.bench_function(name, |b| b.iter(|| jwt.verify(&token, &keys).unwrap()));
+    }
+}
+
+criterion_group!(benches, bench, rate_limit, reload, jwt);
 criterion_main!(benches);

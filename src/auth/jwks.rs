@@ -9,6 +9,7 @@
 //! 200, not a key set, no usable key) keeps the last good set; with no set ever loaded every
 //! token is refused and `/readyz` says why.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -21,6 +22,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -58,10 +60,28 @@ fn rfc3339_opt<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::
 
 type Fetcher = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
+/// Verified tokens remembered at most (the oldest half is dropped when full).
+const CACHE_ENTRIES: usize = 10_000;
+
+/// A token verified under one key set, by the SHA-256 of the token.
+struct Remembered {
+    identity: Arc<TokenIdentity>,
+    /// The key set version it was verified under: any change of the set forgets it.
+    version: u64,
+    /// When it was verified: the oldest are dropped first.
+    at: Instant,
+}
+
 /// Token verification with its key set.
 pub struct Jwks {
     pub jwt: Jwt,
     keys: ArcSwap<JwkKeys>,
+    /// Bumped by every key set swapped in.
+    version: std::sync::atomic::AtomicU64,
+    /// Tokens that verified: a client presents the same token many times, and a signature
+    /// check costs 30 µs (RS256) to 95 µs (ES256) here. Only successes are remembered, each
+    /// until its `exp` (with the leeway) and only under the key set it was verified with.
+    verified: Mutex<HashMap<[u8; 32], Remembered>>,
     status: Mutex<JwksStatus>,
     /// Asks the fetch task for a fetch now.
     wake: Notify,
@@ -88,6 +108,8 @@ impl Jwks {
         Jwks {
             jwt: Jwt::new(config),
             keys: ArcSwap::from_pointee(keys.unwrap_or_default()),
+            version: std::sync::atomic::AtomicU64::new(0),
+            verified: Mutex::new(HashMap::new()),
             status: Mutex::new(status),
             wake: Notify::new(),
             fetched: watch::channel(0).0,
@@ -111,6 +133,8 @@ impl Jwks {
         st.last_error = None;
         st.fetches_ok += 1;
         self.keys.store(Arc::new(keys));
+        self.version
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn failed(&self, error: String) {
@@ -120,20 +144,64 @@ impl Jwks {
         st.last_error = Some(error);
     }
 
-    /// Verify a token. A `kid` the set does not know asks for one refetch (at most once per
+    /// Verify a token, or find it verified under the key set in force and not expired. A
+    /// `kid` the set does not know asks for one refetch (at most once per
     /// `min_refresh_interval`, shared by every request that waits for it) before the token is
     /// refused. Fails closed: no key set, no key, no verification.
-    pub async fn verify(&self, token: &str) -> Result<TokenIdentity, Reject> {
-        let first = self.jwt.verify(token, &self.keys.load());
-        if !matches!(first, Err(Reject::InvalidJwt(TokenRefusal::UnknownKey)))
-            || matches!(self.jwt.config.source, JwksSource::File(_))
-        {
-            return first;
+    pub async fn verify(&self, token: &str) -> Result<Arc<TokenIdentity>, Reject> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(identity) = self.remembered(&digest) {
+            return Ok(identity);
         }
-        if !self.refetch_for_unknown_kid().await {
-            return first;
+        let version = || self.version.load(std::sync::atomic::Ordering::SeqCst);
+        let mut verified_under = version();
+        let result = match self.jwt.verify(token, &self.keys.load()) {
+            Err(Reject::InvalidJwt(TokenRefusal::UnknownKey))
+                if !matches!(self.jwt.config.source, JwksSource::File(_))
+                    && self.refetch_for_unknown_kid().await =>
+            {
+                verified_under = version();
+                self.jwt.verify(token, &self.keys.load())
+            }
+            other => other,
+        };
+        let identity = Arc::new(result?);
+        self.remember(digest, identity.clone(), verified_under);
+        Ok(identity)
+    }
+
+    /// A token verified before under the key set in force, and not expired.
+    fn remembered(&self, digest: &[u8; 32]) -> Option<Arc<TokenIdentity>> {
+        let version = self.version.load(std::sync::atomic::Ordering::SeqCst);
+        let cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        let hit = cache.get(digest)?;
+        (hit.version == version && SystemTime::now() < hit.identity.expires)
+            .then(|| hit.identity.clone())
+    }
+
+    /// Remember a verified token; a full cache first loses what no longer counts, then its
+    /// older half.
+    fn remember(&self, digest: [u8; 32], identity: Arc<TokenIdentity>, version: u64) {
+        let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= CACHE_ENTRIES {
+            let now = SystemTime::now();
+            let current = self.version.load(std::sync::atomic::Ordering::SeqCst);
+            cache.retain(|_, r| r.version == current && now < r.identity.expires);
+            if cache.len() >= CACHE_ENTRIES {
+                let mut ages: Vec<Instant> = cache.values().map(|r| r.at).collect();
+                ages.sort_unstable();
+                let cut = ages[ages.len() / 2];
+                cache.retain(|_, r| r.at > cut);
+            }
         }
-        self.jwt.verify(token, &self.keys.load())
+        cache.insert(
+            digest,
+            Remembered {
+                identity,
+                version,
+                at: Instant::now(),
+            },
+        );
     }
 
     /// Ask for a fetch because of an unknown `kid` and wait for it (up to `fetch_timeout`).

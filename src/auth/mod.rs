@@ -230,7 +230,7 @@ impl Auth {
                 let Some(jwks) = &self.jwt else {
                     return Err(Reject::InvalidScheme);
                 };
-                Identity::Token(Arc::new(jwks.verify(token).await?))
+                Identity::Token(jwks.verify(token).await?)
             }
             Some(Credential::Basic { user, password }) => {
                 let Some(file) = &snapshot.htpasswd else {

@@ -546,7 +546,10 @@ async fn a_jwks_file_is_watched_and_a_broken_one_keeps_the_last_good_keys() {
     let first = idp.token(serde_json::json!({"aud": aud, "iss": iss})).await;
     assert_eq!(call(&first).await.status, 200);
 
-    idp.post("/test/rotate", serde_json::json!({})).await;
+    let new_kid = idp.post("/test/rotate", serde_json::json!({})).await["kid"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let rotated = idp.token(serde_json::json!({"aud": aud, "iss": iss})).await;
     assert_eq!(
         call(&rotated).await.status,
@@ -600,6 +603,33 @@ async fn a_jwks_file_is_watched_and_a_broken_one_keeps_the_last_good_keys() {
         200,
         "the rotated key is accepted once the file has it"
     );
+    assert_eq!(call(&first).await.status, 200);
+
+    // The old key retired from the file: a token it signed, verified and remembered before,
+    // is refused now.
+    let mut only_new: serde_json::Value = serde_json::from_str(&rotated_jwks).unwrap();
+    only_new["keys"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|k| k["kid"] == new_kid.as_str());
+    replace(&only_new.to_string());
+    eventually(Duration::from_secs(20), async || {
+        let s = scrape(&proxy).await;
+        (value(
+            &s,
+            "portcullis_reloads_total",
+            &[("file", "jwks"), ("result", "ok")],
+        ) >= 2.0)
+            .then_some(())
+    })
+    .await
+    .expect("the file without the old key is loaded");
+    assert_eq!(
+        call(&first).await.status,
+        401,
+        "a remembered token outlived its key"
+    );
+    assert_eq!(call(&rotated).await.status, 200);
 }
 
 #[tokio::test]

@@ -227,6 +227,18 @@ async fn no_secret_reaches_any_log_line_at_trace_level() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("keys.toml"), keys_file()).unwrap();
     let password = "correct horse battery staple 7";
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let (token, jwks) = es256_token(serde_json::json!({
+        "iss": "https://idp.example.com", "aud": "portcullis", "sub": "token-user", "exp": exp
+    }));
+    let (foreign, _) = es256_token(serde_json::json!({
+        "iss": "https://idp.example.com", "aud": "portcullis", "sub": "mallory", "exp": exp
+    }));
+    std::fs::write(dir.path().join("jwks.json"), jwks).unwrap();
     std::fs::write(
         dir.path().join("htpasswd"),
         format!("alice:{}\n", bcrypt::hash(password, 4).unwrap()),
@@ -242,6 +254,7 @@ async fn no_secret_reaches_any_log_line_at_trace_level() {
         &format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
              [upstream]\nurl = \"{}\"\n[auth]\nkeys_file = \"keys.toml\"\nhtpasswd_file = \"htpasswd\"\n\
+             [auth.jwt]\nissuer = \"https://idp.example.com\"\njwks_file = \"jwks.json\"\naudiences = [\"portcullis\"]\n\
              [log]\nlevel = \"trace\"\nformat = \"json\"\naccess_log = \"access.log\"\n",
             backend.url()
         ),
@@ -253,6 +266,7 @@ async fn no_secret_reaches_any_log_line_at_trace_level() {
     let basic_ok = basic_auth("alice", password);
     let basic_bad = basic_auth("alice", "wrong-password-5678");
     let bearer_prod = bearer(PROD_KEY);
+    let (bearer_token, bearer_foreign) = (bearer(&token), bearer(&foreign));
     let requests: Vec<Vec<(&str, &str)>> = vec![
         vec![("authorization", &bearer_prod), ("cookie", cookie)],
         vec![("x-api-key", WEB_KEY), ("proxy-authorization", proxy_auth)],
@@ -261,6 +275,8 @@ async fn no_secret_reaches_any_log_line_at_trace_level() {
         vec![("authorization", &basic_ok)],
         vec![("authorization", &basic_bad)],
         vec![("authorization", "Basic !!!not-base64-secret!!!")],
+        vec![("authorization", &bearer_token)],
+        vec![("authorization", &bearer_foreign)],
     ];
     for headers in &requests {
         get(
@@ -302,13 +318,18 @@ async fn no_secret_reaches_any_log_line_at_trace_level() {
         basic_ok_b64,
         "wrong-password-5678",
         "not-base64-secret",
+        // Any part of a token: its payload and signature alone are secrets too.
+        token.split('.').nth(1).unwrap(),
+        token.split('.').nth(2).unwrap(),
+        foreign.split('.').nth(2).unwrap(),
     ] {
         for line in &logged {
             assert!(!line.contains(secret), "{secret:?} was logged: {line}");
         }
     }
-    // The keys appear as name and fingerprint.
+    // The keys appear as name and fingerprint; the token as its identity claim.
     assert!(access.contains("production-backend"));
+    assert!(access.contains("\"identity\":\"token-user\""), "{access}");
 }
 
 #[tokio::test]

@@ -552,3 +552,17 @@ pub fn client_from(ip: &str) -> Client<HttpConnector, Body> {
     c.set_local_address(Some(ip.parse().unwrap()));
     Client::builder(TokioExecutor::new()).build(c)
 }
+
+/// A JWT signed with a fresh ES256 key (kid "test"), and the JWKS that verifies it: for tests
+/// that need a valid token without an OAuth server.
+pub fn es256_token(claims: serde_json::Value) -> (String, String) {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let key = EncodingKey::from_ec_der(&pair.serialize_der());
+    let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&key, Algorithm::ES256).unwrap();
+    jwk.common.key_id = Some("test".into());
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some("test".into());
+    let token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+    (token, serde_json::json!({ "keys": [jwk] }).to_string())
+}
