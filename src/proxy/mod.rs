@@ -1,6 +1,7 @@
 //! The per-request pipeline (DESIGN.md, "request pipeline"), as named stages in order:
 //!
-//! [`Proxy::admit`] (method, framing, path, network, body size) → [`Auth::authenticate`] (bans,
+//! [`Proxy::admit`] (method, framing, path, network, body size) → what portcullis answers itself
+//! on the MCP endpoint's behalf (`Mcp::local`), and its Origin rule → [`Auth::authenticate`] (bans,
 //! then the credential) → [`Proxy::authorize`] (the key's `allow` rules) →
 //! [`Proxy::rate_limit`] → [`Proxy::rewrite`] (headers for the backend) → [`Upstream::send`]
 //! (streaming) → [`Proxy::accept_upgrade`] → response headers, in [`Proxy::handle`].
@@ -69,6 +70,13 @@ pub struct Proxy {
     mcp: Option<Mcp>,
 }
 
+/// What the pipeline ends with: the backend's answer, or one portcullis gives itself (with its
+/// access-log outcome).
+enum Answer {
+    Backend(Response<Incoming>),
+    Own(Response<Full<Bytes>>, &'static str),
+}
+
 /// A request past [`Proxy::admit`]: its normalised path, and its WebSocket handshake if any.
 struct Admitted {
     path: String,
@@ -132,11 +140,14 @@ impl Proxy {
         conn: Arc<ConnInfo>,
     ) -> Result<Response<ResponseBody>, Infallible> {
         let mut ex = Exchange::start(&self, &req, &conn);
-        if let Some((resp, outcome, path)) = self.answer_locally(&req) {
-            (ex.record.path, ex.record.outcome) = (path, outcome);
-            return Ok(self.finish_local(resp, ex));
-        }
-        let result = self.forward(req, &conn, &mut ex).await;
+        let result = match self.forward(req, &conn, &mut ex).await {
+            Ok(Answer::Own(resp, outcome)) => {
+                ex.record.outcome = outcome;
+                return Ok(self.finish_local(resp, ex));
+            }
+            Ok(Answer::Backend(resp)) => Ok(resp),
+            Err(reject) => Err(reject),
+        };
         let (mut guard, mut revoked) = (None, false);
         let mut resp = match result.and_then(|resp| {
             let kind = match ex.tunnel {
@@ -216,18 +227,6 @@ impl Proxy {
             limits.token_expires = Some(std::time::Instant::now() + left);
         }
         limits
-    }
-
-    /// What the proxy answers itself on the MCP endpoint's behalf, before any authentication:
-    /// Protected Resource Metadata and the CORS preflight. Logged like any request.
-    fn answer_locally(
-        &self,
-        req: &Request<Incoming>,
-    ) -> Option<(Response<Full<Bytes>>, &'static str, String)> {
-        let mcp = self.mcp.as_ref()?;
-        let path = crate::path::normalize(req.uri().path()).ok()?;
-        let (resp, outcome) = mcp.local(req, &path)?;
-        Some((resp, outcome, path))
     }
 
     /// A response of the proxy's own, finished like any other (request id, security headers,
@@ -329,12 +328,23 @@ impl Proxy {
         mut req: Request<Incoming>,
         conn: &ConnInfo,
         ex: &mut Exchange,
-    ) -> Result<Response<Incoming>, Reject> {
+    ) -> Result<Answer, Reject> {
         let admitted = self.admit(&mut req, ex)?;
+        // What portcullis answers itself on the MCP endpoint's behalf, once admitted and
+        // before any authentication: Protected Resource Metadata, the CORS preflight.
+        if let Some(own) = self
+            .mcp
+            .as_ref()
+            .and_then(|m| m.local(&req, &admitted.path))
+        {
+            return Ok(Answer::Own(own.0, own.1));
+        }
         if let Some(mcp) = self.mcp.as_ref().filter(|m| m.is_endpoint(&admitted.path)) {
-            // The Origin rule comes first: a foreign page never learns more than 403.
-            ex.mcp = Some(crate::mcp::McpRequest::default());
-            ex.mcp = Some(mcp.check_origin(req.headers())?);
+            // The Origin rule comes first: a foreign page never learns more than 403. Its
+            // refusal is on the MCP path too (profile and CORS headers), hence the default.
+            let checked = mcp.check_origin(req.headers());
+            ex.mcp = Some(checked.clone().unwrap_or_default());
+            checked?;
             req.headers_mut().remove(header::ORIGIN);
         }
         let (mut parts, body) = req.into_parts();
@@ -387,6 +397,7 @@ impl Proxy {
             )
             .await?;
         self.accept_upgrade(resp, admitted.upgrade, ex)
+            .map(Answer::Backend)
     }
 
     /// What is refused before anyone is asked who the client is: CONNECT other than

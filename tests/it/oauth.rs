@@ -345,6 +345,18 @@ async fn tokens_from_a_real_issuer_are_checked_claim_by_claim() {
         "{:?}",
         www_authenticate(&r)
     );
+    // On the MCP path the same refusal points at the metadata, for the client's step-up.
+    let narrow = idp
+        .token(serde_json::json!({"aud": aud, "scope": "openid"}))
+        .await;
+    let r = get(
+        &proxy.url("/mcp"),
+        &[("authorization", &format!("Bearer {narrow}"))],
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    let v = &www_authenticate(&r)[0];
+    assert!(v.starts_with("Bearer error=\"insufficient_scope\", scope=\"mcp:tools\", resource_metadata=\"http://127.0.0.1:"), "{v}");
 
     assert!(
         backend.take().len() == 1,
@@ -1023,4 +1035,119 @@ fn check_names_every_oauth_mistake_with_its_position() {
         "{err}"
     );
     assert!(err.contains("jwks_file: cannot read"), "{err}");
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test]
+async fn an_https_issuer_with_a_private_ca_is_discovered_and_trusted_only_with_its_ca() {
+    let pki = pki::Pki::new();
+    let leaf = pki.server();
+    let signer = std::sync::Arc::new(Es256Issuer::new());
+    let served = signer.clone();
+    // Discovery and keys over https; the issuer is the backend's own origin (from Host).
+    let idp = Backend::tls_with(
+        &leaf.cert,
+        &leaf.key,
+        move |r: http::Request<hyper::body::Incoming>| {
+            let served = served.clone();
+            async move {
+                let host = r.headers()["host"].to_str().unwrap().to_string();
+                let body = match r.uri().path() {
+                    "/.well-known/openid-configuration" => serde_json::json!({
+                        "issuer": format!("https://{host}"),
+                        "jwks_uri": format!("https://{host}/keys"),
+                    })
+                    .to_string(),
+                    "/keys" => served.jwks.clone(),
+                    _ => "{}".to_string(),
+                };
+                http::Response::new(full(body))
+            }
+        },
+    )
+    .await;
+    let issuer = format!("https://127.0.0.1:{}", idp.addr.port());
+    let backend = Backend::ok().await;
+    let token = signer.sign(
+        "at+jwt",
+        serde_json::json!({
+            "iss": issuer, "aud": "portcullis", "sub": "svc", "client_id": "reports-job",
+            "exp": unix_now() + 600,
+        }),
+    );
+    let config = |extra: &str| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [upstream]\nurl = \"{}\"\n[auth]\n[auth.jwt]\nissuer = \"{issuer}\"\naudiences = [\"portcullis\"]\n{extra}\n",
+            backend.url()
+        )
+    };
+
+    // Without the CA: discovery fails on the certificate, /readyz says so, tokens are refused.
+    let untrusted = Proxy::start_with_files(&config(""), &[]).await;
+    let why = eventually(Duration::from_secs(20), async || {
+        let r = get(&format!("http://{}/readyz", untrusted.admin), &[]).await;
+        let e = r.json()["credentials"]["jwks"]["last_error"]
+            .as_str()
+            .map(str::to_owned);
+        (r.status == 503).then_some(e).flatten()
+    })
+    .await
+    .expect("not ready, with the fetch error");
+    assert!(why.to_lowercase().contains("certificate"), "{why}");
+    let r = get(&untrusted.url("/x"), &[("authorization", &bearer(&token))]).await;
+    assert_eq!(r.status, 401);
+
+    // With it: discovered over https, and `typ` and `identity_claim` checked.
+    let ca = pki.ca_pem();
+    let trusted = Proxy::start_with_files(
+        &config("ca = \"ca.pem\"\ntyp = \"at+jwt\"\nidentity_claim = \"client_id\""),
+        &[("ca.pem", &ca)],
+    )
+    .await;
+    until_ready(&trusted).await;
+    let r = get(&trusted.url("/x"), &[("authorization", &bearer(&token))]).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        backend.take()[0].headers["x-authenticated-user"],
+        "reports-job"
+    );
+    // An ID token (typ JWT) is not an access token.
+    let id_token = signer.sign(
+        "JWT",
+        serde_json::json!({
+            "iss": issuer, "aud": "portcullis", "sub": "svc", "client_id": "reports-job",
+            "exp": unix_now() + 600,
+        }),
+    );
+    let r = get(&trusted.url("/x"), &[("authorization", &bearer(&id_token))]).await;
+    assert_eq!(r.status, 401);
+    let s = scrape(&trusted).await;
+    assert_eq!(
+        value(
+            &s,
+            "portcullis_auth_failures_total",
+            &[("reason", "jwt_type")]
+        ),
+        1.0
+    );
+    // No identity claim: refused, never an anonymous pass.
+    let nameless = signer.sign(
+        "at+jwt",
+        serde_json::json!({
+            "iss": issuer, "aud": "portcullis", "sub": "svc", "exp": unix_now() + 600,
+        }),
+    );
+    assert_eq!(
+        get(&trusted.url("/x"), &[("authorization", &bearer(&nameless))])
+            .await
+            .status,
+        401
+    );
 }

@@ -129,6 +129,18 @@ impl Backend {
     /// An HTTPS backend (h2 and http/1.1 by ALPN) that answers 200 with the HTTP version it
     /// was spoken to in, serving `cert` and `key` (PEM).
     pub async fn tls(cert: &str, key: &str) -> Backend {
+        Backend::tls_with(cert, key, |r: Request<Incoming>| async move {
+            Response::new(full(format!("{:?}", r.version())))
+        })
+        .await
+    }
+
+    /// An HTTPS backend serving `cert` and `key` (PEM) that answers with `handler`.
+    pub async fn tls_with<F, Fut>(cert: &str, key: &str, handler: F) -> Backend
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
         use rustls::pki_types::pem::PemObject;
         let certs = rustls::pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
             .collect::<Result<Vec<_>, _>>()
@@ -143,9 +155,7 @@ impl Backend {
         .with_single_cert(certs, key)
         .unwrap();
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let handler: Handler = Arc::new(|r: Request<Incoming>| {
-            Box::pin(async move { Response::new(full(format!("{:?}", r.version()))) })
-        });
+        let handler: Handler = Arc::new(move |r| Box::pin(handler(r)));
         Backend::start(handler, true, Some(Arc::new(config))).await
     }
 
@@ -553,16 +563,35 @@ pub fn client_from(ip: &str) -> Client<HttpConnector, Body> {
     Client::builder(TokioExecutor::new()).build(c)
 }
 
-/// A JWT signed with a fresh ES256 key (kid "test"), and the JWKS that verifies it: for tests
-/// that need a valid token without an OAuth server.
+/// A signer with a fresh ES256 key (kid "test") and the JWKS that verifies what it signs: for
+/// tests that need valid tokens without an OAuth server.
+pub struct Es256Issuer {
+    key: jsonwebtoken::EncodingKey,
+    pub jwks: String,
+}
+
+impl Es256Issuer {
+    pub fn new() -> Es256Issuer {
+        use jsonwebtoken::{jwk::Jwk, Algorithm, EncodingKey};
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let key = EncodingKey::from_ec_der(&pair.serialize_der());
+        let mut jwk = Jwk::from_encoding_key(&key, Algorithm::ES256).unwrap();
+        jwk.common.key_id = Some("test".into());
+        let jwks = serde_json::json!({ "keys": [jwk] }).to_string();
+        Es256Issuer { key, jwks }
+    }
+
+    /// A token with `claims`, and `typ` in its header.
+    pub fn sign(&self, typ: &str, claims: serde_json::Value) -> String {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some("test".into());
+        header.typ = Some(typ.into());
+        jsonwebtoken::encode(&header, &claims, &self.key).unwrap()
+    }
+}
+
+/// A token signed by a fresh [`Es256Issuer`], and its JWKS.
 pub fn es256_token(claims: serde_json::Value) -> (String, String) {
-    use jsonwebtoken::{Algorithm, EncodingKey, Header};
-    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let key = EncodingKey::from_ec_der(&pair.serialize_der());
-    let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&key, Algorithm::ES256).unwrap();
-    jwk.common.key_id = Some("test".into());
-    let mut header = Header::new(Algorithm::ES256);
-    header.kid = Some("test".into());
-    let token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
-    (token, serde_json::json!({ "keys": [jwk] }).to_string())
+    let issuer = Es256Issuer::new();
+    (issuer.sign("JWT", claims), issuer.jwks)
 }
