@@ -1151,3 +1151,154 @@ async fn an_https_issuer_with_a_private_ca_is_discovered_and_trusted_only_with_i
         401
     );
 }
+
+/// An issuer on plain loopback HTTP that serves discovery and its key set with `cache_control`,
+/// recording every request.
+async fn cached_issuer(
+    signer: std::sync::Arc<Es256Issuer>,
+    cache_control: &'static str,
+) -> Backend {
+    Backend::with(move |r: http::Request<hyper::body::Incoming>| {
+        let signer = signer.clone();
+        async move {
+            let host = r.headers()["host"].to_str().unwrap().to_string();
+            let mut resp = match r.uri().path() {
+                "/.well-known/openid-configuration" => http::Response::new(full(
+                    serde_json::json!({
+                        "issuer": format!("http://{host}"),
+                        "jwks_uri": format!("http://{host}/jwks"),
+                    })
+                    .to_string(),
+                )),
+                _ => http::Response::new(full(signer.jwks.clone())),
+            };
+            resp.headers_mut().insert(
+                "cache-control",
+                http::HeaderValue::from_static(cache_control),
+            );
+            resp
+        }
+    })
+    .await
+}
+
+fn jwks_fetches(issuer: &Backend, seen: &mut usize) -> usize {
+    *seen += issuer.take().iter().filter(|s| s.target == "/jwks").count();
+    *seen
+}
+
+#[tokio::test]
+async fn the_key_set_is_refreshed_as_its_cache_headers_say_within_the_bounds() {
+    let signer = std::sync::Arc::new(Es256Issuer::new());
+    let backend = Backend::ok().await;
+    let config = |issuer: &Backend, bounds: &str| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [upstream]\nurl = \"{}\"\n[auth]\n[auth.jwt]\nissuer = \"{}\"\naudiences = [\"portcullis\"]\n{bounds}\n",
+            backend.url(),
+            issuer.url()
+        )
+    };
+    // max-age=1 under a refresh_interval of an hour: refetched about every second.
+    let short = cached_issuer(signer.clone(), "public, max-age=1").await;
+    let proxy = Proxy::start_with_files(
+        &config(
+            &short,
+            "refresh_interval = \"1h\"\nmin_refresh_interval = \"1s\"",
+        ),
+        &[],
+    )
+    .await;
+    let mut seen = 0;
+    eventually(Duration::from_secs(15), async || {
+        (jwks_fetches(&short, &mut seen) >= 3).then_some(())
+    })
+    .await
+    .expect("max-age is honoured: three fetches within 15 s");
+    drop(proxy);
+
+    // max-age of a day over a refresh_interval of 1 s: the interval bounds it.
+    let long = cached_issuer(signer.clone(), "public, max-age=86400").await;
+    let _proxy = Proxy::start_with_files(
+        &config(
+            &long,
+            "refresh_interval = \"1s\"\nmin_refresh_interval = \"1s\"",
+        ),
+        &[],
+    )
+    .await;
+    let mut seen = 0;
+    eventually(Duration::from_secs(15), async || {
+        (jwks_fetches(&long, &mut seen) >= 3).then_some(())
+    })
+    .await
+    .expect("refresh_interval bounds max-age: three fetches within 15 s");
+
+    // max-age=0 never makes it fetch more often than min_refresh_interval.
+    let zero = cached_issuer(signer, "no-cache, max-age=0").await;
+    let proxy = Proxy::start_with_files(
+        &config(
+            &zero,
+            "refresh_interval = \"1h\"\nmin_refresh_interval = \"1h\"",
+        ),
+        &[],
+    )
+    .await;
+    until_ready(&proxy).await;
+    // The first fetch has happened (ready); without the floor a refresh would follow at once.
+    let mut seen = 0;
+    assert_eq!(jwks_fetches(&zero, &mut seen), 1);
+    let again = eventually(Duration::from_secs(3), async || {
+        (jwks_fetches(&zero, &mut seen) > 1).then_some(())
+    })
+    .await;
+    assert!(
+        again.is_none(),
+        "max-age=0 fetched again before min_refresh_interval"
+    );
+    let r = get(&format!("http://{}/readyz", proxy.admin), &[]).await;
+    assert_eq!(r.json()["credentials"]["jwks"]["fetches_ok"], 1);
+}
+
+#[tokio::test]
+async fn pass_credentials_never_passes_a_token_on() {
+    let signer = Es256Issuer::new();
+    let backend = Backend::ok().await;
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [upstream]\nurl = \"{}\"\npass_credentials = true\n\
+         [auth]\nkeys_file = \"keys.toml\"\n[auth.jwt]\nissuer = \"https://idp.example.com\"\njwks_file = \"jwks.json\"\naudiences = [\"portcullis\"]\n",
+        backend.url()
+    );
+    let proxy = Proxy::start_with_files(
+        &text,
+        &[("keys.toml", &keys_file()), ("jwks.json", &signer.jwks)],
+    )
+    .await;
+    let token = signer.sign("JWT", serde_json::json!({
+        "iss": "https://idp.example.com", "aud": "portcullis", "sub": "svc", "exp": unix_now() + 600
+    }));
+    assert_eq!(
+        get(&proxy.url("/x"), &[("authorization", &bearer(&token))])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        get(&proxy.url("/x"), &[("authorization", &bearer(PROD_KEY))])
+            .await
+            .status,
+        200
+    );
+    let seen = backend.take();
+    assert!(
+        seen[0].headers.get("authorization").is_none(),
+        "the token was passed on"
+    );
+    assert_eq!(seen[0].headers["x-authenticated-user"], "svc");
+    assert_eq!(
+        seen[1].headers["authorization"],
+        bearer(PROD_KEY).as_str(),
+        "a key is, with pass_credentials"
+    );
+}
