@@ -232,24 +232,7 @@ impl Mcp {
         h: &HeaderMap,
     ) -> (Response<Full<Bytes>>, &'static str) {
         let mut resp = if *method == Method::OPTIONS {
-            let mut r = Response::new(Full::new(Bytes::new()));
-            *r.status_mut() = StatusCode::NO_CONTENT;
-            let rh = r.headers_mut();
-            rh.insert(
-                header::ACCESS_CONTROL_ALLOW_METHODS,
-                HeaderValue::from_static("GET, HEAD, OPTIONS"),
-            );
-            if let Some(v) = h
-                .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
-                .filter(|v| header_list(v))
-            {
-                rh.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, v.clone());
-            }
-            rh.insert(
-                header::ACCESS_CONTROL_MAX_AGE,
-                HeaderValue::from_static("600"),
-            );
-            (r, "cors_preflight")
+            (preflight_answer("GET, HEAD, OPTIONS", h), "cors_preflight")
         } else if *method != Method::GET && *method != Method::HEAD {
             let mut r = json(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -301,24 +284,8 @@ impl Mcp {
                 return (resp, reject.outcome());
             }
         };
-        let mut resp = Response::new(Full::new(Bytes::new()));
-        *resp.status_mut() = StatusCode::NO_CONTENT;
-        let rh = resp.headers_mut();
-        rh.insert(
-            header::ACCESS_CONTROL_ALLOW_METHODS,
-            HeaderValue::from_static("GET, POST, DELETE, OPTIONS"),
-        );
-        if let Some(v) = h
-            .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
-            .filter(|v| header_list(v))
-        {
-            rh.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, v.clone());
-        }
-        rh.insert(
-            header::ACCESS_CONTROL_MAX_AGE,
-            HeaderValue::from_static("600"),
-        );
-        self.cors(rh, &req);
+        let mut resp = preflight_answer("GET, POST, DELETE, OPTIONS", h);
+        self.cors(resp.headers_mut(), &req);
         (resp, "cors_preflight")
     }
 
@@ -363,6 +330,29 @@ impl Mcp {
             h.append(header::WWW_AUTHENTICATE, basic.clone());
         }
     }
+}
+
+/// A 204 to a CORS preflight: `methods`, the requested headers (when they are header names),
+/// cached for ten minutes.
+fn preflight_answer(methods: &'static str, h: &HeaderMap) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    let rh = resp.headers_mut();
+    rh.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static(methods),
+    );
+    if let Some(v) = h
+        .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+        .filter(|v| header_list(v))
+    {
+        rh.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, v.clone());
+    }
+    rh.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    resp
 }
 
 /// Whether `Access-Control-Request-Headers` is a list of header names (echoed back as is).

@@ -212,6 +212,14 @@ fn audience(port: u16) -> String {
     format!("http://127.0.0.1:{port}{RESOURCE_PATH}")
 }
 
+/// A proxy started from [`config`] whose key set has loaded (ready), and its port.
+async fn running(upstream: &str, idp: &str, jwt_extra: &str, mcp_extra: &str) -> (Proxy, u16) {
+    let (text, port) = config(upstream, idp, jwt_extra, mcp_extra);
+    let proxy = Proxy::start_with(&text).await;
+    until_ready(&proxy).await;
+    (proxy, port)
+}
+
 async fn until_ready(proxy: &Proxy) {
     eventually(Duration::from_secs(20), async || {
         let r = get(&format!("http://{}/readyz", proxy.admin), &[]).await;
@@ -219,6 +227,22 @@ async fn until_ready(proxy: &Proxy) {
     })
     .await
     .expect("ready (the key set fetched) within 20 s");
+}
+
+/// Wait (20 s at most) until the JWKS file's reloads with `result` reach `n`.
+async fn reloads_reach(proxy: &Proxy, result: &str, n: f64, what: &str) {
+    eventually(Duration::from_secs(20), async || {
+        let s = scrape(proxy).await;
+        let labels = [("file", "jwks"), ("result", result)];
+        (value(&s, "portcullis_reloads_total", &labels) >= n).then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("{what}"));
+}
+
+/// GET `path` with `Authorization: Bearer <token>`.
+async fn with_token(proxy: &Proxy, path: &str, token: &str) -> Reply {
+    get(&proxy.url(path), &[("authorization", &bearer(token))]).await
 }
 
 fn www_authenticate(r: &Reply) -> Vec<String> {
@@ -246,26 +270,16 @@ async fn tokens_from_a_real_issuer_are_checked_claim_by_claim() {
     let Some(idp) = Idp::start() else { return };
     let backend = Backend::ok().await;
     // Bans off: this sends more refused tokens than a ban allows (bans are tested below).
-    let (text, port) = config(
+    let (proxy, port) = running(
         &backend.url(),
         idp.issuer(),
         "required_scopes = [\"mcp:tools\"]",
         "[ban]\nenabled = false",
-    );
-    let proxy = Proxy::start_with(&text).await;
-    until_ready(&proxy).await;
+    )
+    .await;
     let aud = audience(port);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let call = async |token: &str| {
-        get(
-            &proxy.url("/api/v1/invoke"),
-            &[("authorization", &format!("Bearer {token}"))],
-        )
-        .await
-    };
+    let now = unix_now();
+    let call = async |token: &str| with_token(&proxy, "/api/v1/invoke", token).await;
 
     // Right audience and scope: through, with the identity and without the token.
     let good = idp
@@ -368,22 +382,15 @@ async fn tokens_from_a_real_issuer_are_checked_claim_by_claim() {
 async fn a_rotated_key_is_picked_up_without_a_restart_and_forged_kids_do_not_hammer_the_issuer() {
     let Some(idp) = Idp::start() else { return };
     let backend = Backend::ok().await;
-    let (text, port) = config(
+    let (proxy, port) = running(
         &backend.url(),
         idp.issuer(),
         "min_refresh_interval = \"1h\"\nrefresh_interval = \"2h\"",
         "[ban]\nenabled = false",
-    );
-    let proxy = Proxy::start_with(&text).await;
-    until_ready(&proxy).await;
+    )
+    .await;
     let aud = audience(port);
-    let call = async |token: &str| {
-        get(
-            &proxy.url("/x"),
-            &[("authorization", &format!("Bearer {token}"))],
-        )
-        .await
-    };
+    let call = async |token: &str| with_token(&proxy, "/x", token).await;
     assert_eq!(
         call(&idp.token(serde_json::json!({"aud": aud})).await)
             .await
@@ -438,21 +445,14 @@ async fn a_rotated_key_is_picked_up_without_a_restart_and_forged_kids_do_not_ham
 async fn refused_tokens_count_toward_a_ban_like_refused_keys() {
     let Some(idp) = Idp::start() else { return };
     let backend = Backend::ok().await;
-    let (text, port) = config(
+    let (proxy, port) = running(
         &backend.url(),
         idp.issuer(),
         "",
         "[ban]\nfailures = 3\nwindow = \"1m\"\nduration = \"1m\"",
-    );
-    let proxy = Proxy::start_with(&text).await;
-    until_ready(&proxy).await;
-    let call = async |token: &str| {
-        get(
-            &proxy.url("/x"),
-            &[("authorization", &format!("Bearer {token}"))],
-        )
-        .await
-    };
+    )
+    .await;
+    let call = async |token: &str| with_token(&proxy, "/x", token).await;
     let foreign = idp
         .token(serde_json::json!({"aud": "https://other.example/mcp"}))
         .await;
@@ -472,14 +472,13 @@ async fn refused_tokens_count_toward_a_ban_like_refused_keys() {
 async fn an_issuer_that_fails_keeps_the_last_good_keys() {
     let Some(idp) = Idp::start() else { return };
     let backend = Backend::ok().await;
-    let (text, port) = config(
+    let (proxy, port) = running(
         &backend.url(),
         idp.issuer(),
         "min_refresh_interval = \"1s\"\nrefresh_interval = \"1s\"",
         "",
-    );
-    let proxy = Proxy::start_with(&text).await;
-    until_ready(&proxy).await;
+    )
+    .await;
     let token = idp.token(serde_json::json!({"aud": audience(port)})).await;
     let call = async || {
         get(
@@ -548,13 +547,7 @@ async fn a_jwks_file_is_watched_and_a_broken_one_keeps_the_last_good_keys() {
     let aud = audience(port);
     // Tokens from the test issuer, as if issued by the configured one.
     let iss = "https://idp.example.com/realms/acme";
-    let call = async |token: &str| {
-        get(
-            &proxy.url("/x"),
-            &[("authorization", &format!("Bearer {token}"))],
-        )
-        .await
-    };
+    let call = async |token: &str| with_token(&proxy, "/x", token).await;
     let first = idp.token(serde_json::json!({"aud": aud, "iss": iss})).await;
     assert_eq!(call(&first).await.status, 200);
 
@@ -576,17 +569,7 @@ async fn a_jwks_file_is_watched_and_a_broken_one_keeps_the_last_good_keys() {
         std::fs::rename(&tmp, &path).unwrap();
     };
     replace("{\"keys\": [{\"kty\": \"oct\", \"k\": \"c2VjcmV0\"}]}");
-    eventually(Duration::from_secs(20), async || {
-        let s = scrape(&proxy).await;
-        (value(
-            &s,
-            "portcullis_reloads_total",
-            &[("file", "jwks"), ("result", "error")],
-        ) >= 1.0)
-            .then_some(())
-    })
-    .await
-    .expect("the broken file is seen and refused");
+    reloads_reach(&proxy, "error", 1.0, "the broken file is seen and refused").await;
     assert_eq!(
         call(&first).await.status,
         200,
@@ -599,17 +582,7 @@ async fn a_jwks_file_is_watched_and_a_broken_one_keeps_the_last_good_keys() {
         .to_string();
     replace(&rotated_jwks);
     // Polled on the reload counter, not with the token: failed tokens count toward a ban.
-    eventually(Duration::from_secs(20), async || {
-        let s = scrape(&proxy).await;
-        (value(
-            &s,
-            "portcullis_reloads_total",
-            &[("file", "jwks"), ("result", "ok")],
-        ) >= 1.0)
-            .then_some(())
-    })
-    .await
-    .expect("the rotated file is loaded");
+    reloads_reach(&proxy, "ok", 1.0, "the rotated file is loaded").await;
     assert_eq!(
         call(&rotated).await.status,
         200,
@@ -625,17 +598,7 @@ async fn a_jwks_file_is_watched_and_a_broken_one_keeps_the_last_good_keys() {
         .unwrap()
         .retain(|k| k["kid"] == new_kid.as_str());
     replace(&only_new.to_string());
-    eventually(Duration::from_secs(20), async || {
-        let s = scrape(&proxy).await;
-        (value(
-            &s,
-            "portcullis_reloads_total",
-            &[("file", "jwks"), ("result", "ok")],
-        ) >= 2.0)
-            .then_some(())
-    })
-    .await
-    .expect("the file without the old key is loaded");
+    reloads_reach(&proxy, "ok", 2.0, "the file without the old key is loaded").await;
     assert_eq!(
         call(&first).await.status,
         401,
@@ -876,9 +839,7 @@ async fn keys_only_on_the_mcp_path_challenges_without_advertising_a_sign_in() {
 async fn a_stream_opened_with_a_token_ends_when_the_token_expires() {
     let Some(idp) = Idp::start() else { return };
     let sse = SseBackend::start().await;
-    let (text, port) = config(&sse.backend.url(), idp.issuer(), "leeway = \"0s\"", "");
-    let proxy = Proxy::start_with(&text).await;
-    until_ready(&proxy).await;
+    let (proxy, port) = running(&sse.backend.url(), idp.issuer(), "leeway = \"0s\"", "").await;
     let token = idp
         .token_with(serde_json::json!({"expiresIn": 3, "claims": {"aud": audience(port)}}))
         .await;
@@ -915,14 +876,13 @@ async fn the_official_mcp_python_client_signs_in_knowing_only_the_url() {
     let Some(server) = McpServer::start(false) else {
         return;
     };
-    let (text, port) = config(
+    let (proxy, port) = running(
         &server.origin(),
         idp.issuer(),
         "required_scopes = [\"mcp:tools\"]",
         "",
-    );
-    let proxy = Proxy::start_with(&text).await;
-    until_ready(&proxy).await;
+    )
+    .await;
     let url = format!("http://127.0.0.1:{port}/mcp");
 
     let out = mcp_client(&["oauth", &url]).await;
@@ -985,9 +945,7 @@ async fn the_python_client_works_against_json_answers_too() {
     let Some(server) = McpServer::start(true) else {
         return;
     };
-    let (text, port) = config(&server.origin(), idp.issuer(), "", "");
-    let proxy = Proxy::start_with(&text).await;
-    until_ready(&proxy).await;
+    let (_proxy, port) = running(&server.origin(), idp.issuer(), "", "").await;
     let out = mcp_client(&["oauth", &format!("http://127.0.0.1:{port}/mcp")]).await;
     assert_eq!(out["result"], serde_json::json!(["5"]), "{out}");
 }
@@ -1199,40 +1157,29 @@ async fn the_key_set_is_refreshed_as_its_cache_headers_say_within_the_bounds() {
             issuer.url()
         )
     };
-    // max-age=1 under a refresh_interval of an hour: refetched about every second.
-    let short = cached_issuer(signer.clone(), "public, max-age=1").await;
-    let proxy = Proxy::start_with_files(
-        &config(
-            &short,
+    for (cache_control, bounds, why) in [
+        // Under a refresh_interval of an hour: refetched about every second.
+        (
+            "public, max-age=1",
             "refresh_interval = \"1h\"\nmin_refresh_interval = \"1s\"",
+            "max-age is honoured",
         ),
-        &[],
-    )
-    .await;
-    let mut seen = 0;
-    eventually(Duration::from_secs(15), async || {
-        (jwks_fetches(&short, &mut seen) >= 3).then_some(())
-    })
-    .await
-    .expect("max-age is honoured: three fetches within 15 s");
-    drop(proxy);
-
-    // max-age of a day over a refresh_interval of 1 s: the interval bounds it.
-    let long = cached_issuer(signer.clone(), "public, max-age=86400").await;
-    let _proxy = Proxy::start_with_files(
-        &config(
-            &long,
+        // A day's max-age over a refresh_interval of 1 s: the interval bounds it.
+        (
+            "public, max-age=86400",
             "refresh_interval = \"1s\"\nmin_refresh_interval = \"1s\"",
+            "refresh_interval bounds max-age",
         ),
-        &[],
-    )
-    .await;
-    let mut seen = 0;
-    eventually(Duration::from_secs(15), async || {
-        (jwks_fetches(&long, &mut seen) >= 3).then_some(())
-    })
-    .await
-    .expect("refresh_interval bounds max-age: three fetches within 15 s");
+    ] {
+        let issuer = cached_issuer(signer.clone(), cache_control).await;
+        let _proxy = Proxy::start_with_files(&config(&issuer, bounds), &[]).await;
+        let mut seen = 0;
+        eventually(Duration::from_secs(15), async || {
+            (jwks_fetches(&issuer, &mut seen) >= 3).then_some(())
+        })
+        .await
+        .unwrap_or_else(|| panic!("{why}: three fetches within 15 s"));
+    }
 
     // max-age=0 never makes it fetch more often than min_refresh_interval.
     let zero = cached_issuer(signer, "no-cache, max-age=0").await;
