@@ -87,8 +87,9 @@ pub struct Jwks {
     wake: Notify,
     /// Counts finished fetch attempts; waiters for a refetch watch it move.
     fetched: watch::Sender<u64>,
-    /// When a token with an unknown `kid` last asked for a fetch.
-    kid_refetch_at: Mutex<Option<Instant>>,
+    /// When a token with an unknown `kid` last asked for a fetch, and how many fetches had
+    /// finished then (`fetched`): more now means that fetch is done.
+    kid_refetch_at: Mutex<Option<(Instant, u64)>>,
 }
 
 impl Jwks {
@@ -131,7 +132,6 @@ impl Jwks {
         st.loaded = true;
         st.last_success = Some(SystemTime::now());
         st.last_error = None;
-        st.fetches_ok += 1;
         self.keys.store(Arc::new(keys));
         self.version
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -204,12 +204,16 @@ impl Jwks {
         );
     }
 
-    /// Ask for a fetch because of an unknown `kid` and wait for it (up to `fetch_timeout`).
-    /// `false` when one was asked for less than `min_refresh_interval` ago and has finished:
-    /// the set is as fresh as the pace allows.
+    /// Ask for a fetch because of an unknown `kid` and wait for it (up to `fetch_timeout`);
+    /// `true` when a fetch finished meanwhile (the token is worth checking again). Within
+    /// `min_refresh_interval` of the last such fetch nothing new is asked: a request waits for
+    /// that fetch while it runs, and is refused at once once it has finished (the set is as
+    /// fresh as the pace allows).
     async fn refetch_for_unknown_kid(&self) -> bool {
         let cfg = &self.jwt.config;
+        // Subscribed first, so that a fetch finishing from here on is seen.
         let mut rx = self.fetched.subscribe();
+        let finished = *rx.borrow_and_update();
         let now = Instant::now();
         {
             let mut at = self
@@ -217,17 +221,13 @@ impl Jwks {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
             match *at {
-                // Asked for recently, and finished (or given up on): refuse now.
-                Some(t)
-                    if now.duration_since(t) >= cfg.fetch_timeout
-                        && now.duration_since(t) < cfg.min_refresh_interval =>
-                {
-                    return false;
+                Some((t, before)) if now.duration_since(t) < cfg.min_refresh_interval => {
+                    if finished != before {
+                        return false;
+                    }
                 }
-                // In flight: wait for it with the others.
-                Some(t) if now.duration_since(t) < cfg.fetch_timeout => {}
                 _ => {
-                    *at = Some(now);
+                    *at = Some((now, finished));
                     self.status
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -304,6 +304,10 @@ impl Jwks {
             "JWKS fetched"
         );
         self.install(keys);
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .fetches_ok += 1;
         Ok(max_age)
     }
 }
