@@ -14,6 +14,7 @@ pub mod diag;
 pub mod error;
 pub mod framing;
 pub mod headers;
+pub mod jsonrpc;
 pub mod mcp;
 pub mod metrics;
 pub mod netpolicy;
