@@ -1,6 +1,7 @@
 //! OAuth bearer tokens and the MCP endpoint, against real peers: an OAuth 2.1 / OIDC server
 //! that signs JWTs (npm oauth2-mock-server, tests/peers/idp.mjs), a real MCP server and the
-//! official MCP Python SDK client (tests/peers/mcp_server.py, mcp_client.py). `.ci/run`
+//! official MCP Python and TypeScript SDK clients (tests/peers/mcp_server.py, mcp_client.py,
+//! mcp_client.mjs). `.ci/run`
 //! installs them (`npm ci`, a venv from requirements.txt); missing, each test says so loudly,
 //! and fails under CI.
 
@@ -170,17 +171,24 @@ impl McpServer {
 /// Run the official MCP Python SDK client (tests/peers/mcp_client.py); its JSON line.
 async fn mcp_client(args: &[&str]) -> serde_json::Value {
     let python = python().expect("checked by the caller");
-    let out = tokio::time::timeout(
-        Duration::from_secs(90),
-        tokio::process::Command::new(python)
-            .arg(peers().join("mcp_client.py"))
-            .args(args)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the MCP client finishes within 90 s")
-    .expect("the MCP client runs");
+    let mut cmd = tokio::process::Command::new(python);
+    cmd.arg(peers().join("mcp_client.py")).args(args);
+    client_line(cmd).await
+}
+
+/// Run the official MCP TypeScript SDK client (tests/peers/mcp_client.mjs); its JSON line.
+async fn ts_client(args: &[&str]) -> serde_json::Value {
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg(peers().join("mcp_client.mjs")).args(args);
+    client_line(cmd).await
+}
+
+/// A client's last line of output, as JSON (90 s at most).
+async fn client_line(mut cmd: tokio::process::Command) -> serde_json::Value {
+    let out = tokio::time::timeout(Duration::from_secs(90), cmd.kill_on_drop(true).output())
+        .await
+        .expect("the MCP client finishes within 90 s")
+        .expect("the MCP client runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout.lines().last().unwrap_or_else(|| {
         panic!(
@@ -937,6 +945,48 @@ async fn the_official_mcp_python_client_signs_in_knowing_only_the_url() {
     assert!(lines
         .iter()
         .any(|l| l["identity"] == "johndoe" && l["outcome"] == "ok"));
+}
+
+#[tokio::test]
+async fn the_official_mcp_typescript_client_signs_in_knowing_only_the_url() {
+    let Some(idp) = Idp::start() else { return };
+    if !installed(
+        "npm ci in tests/peers",
+        &peers().join("node_modules/@modelcontextprotocol/sdk"),
+    ) {
+        return;
+    }
+    let Some(server) = McpServer::start(false) else {
+        return;
+    };
+    let (_proxy, port) = running(
+        &server.origin(),
+        idp.issuer(),
+        "required_scopes = [\"mcp:tools\"]",
+        "",
+    )
+    .await;
+    let url = format!("http://127.0.0.1:{port}/mcp");
+    let out = ts_client(&["oauth", &url]).await;
+    assert_eq!(out["tools"], serde_json::json!(["add", "echo"]), "{out}");
+    assert_eq!(out["result"], serde_json::json!(["5"]), "{out}");
+    let authorize = out["authorize_url"].as_str().unwrap();
+    assert!(
+        authorize.contains("code_challenge_method=S256"),
+        "{authorize}"
+    );
+    assert!(
+        authorize.contains(&format!("resource=http%3A%2F%2F127.0.0.1%3A{port}%2Fmcp")),
+        "{authorize}"
+    );
+    let out = ts_client(&["key", &url, PROD_KEY]).await;
+    assert_eq!(out["result"], serde_json::json!(["5"]), "{out}");
+    for s in server.seen() {
+        assert!(
+            s["headers"]["authorization"].is_null(),
+            "a credential reached the MCP server: {s}"
+        );
+    }
 }
 
 #[tokio::test]
