@@ -124,6 +124,10 @@ pub enum Reject {
     /// A WebSocket upgrade toward an `http2` upstream, which cannot carry it.
     #[error("upgrade not supported")]
     UpgradeUnsupported,
+    /// On the MCP path: an `Mcp-Session-Id` issued to another identity (404, the MCP answer
+    /// for a session the server does not know; the client starts a new one).
+    #[error("session not found")]
+    SessionNotFound,
 }
 
 impl Reject {
@@ -145,6 +149,7 @@ impl Reject {
             Reject::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Reject::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Reject::UpgradeUnsupported => StatusCode::NOT_IMPLEMENTED,
+            Reject::SessionNotFound => StatusCode::NOT_FOUND,
         }
     }
 
@@ -167,6 +172,7 @@ impl Reject {
             Reject::UpstreamUnavailable => "upstream_unavailable",
             Reject::UpstreamTimeout => "upstream_timeout",
             Reject::UpgradeUnsupported => "upgrade_unsupported",
+            Reject::SessionNotFound => "session_not_found",
         }
     }
 
@@ -196,6 +202,7 @@ impl Reject {
             Reject::UpgradeUnsupported => {
                 "WebSocket is not available: the upstream is spoken to in HTTP/2."
             }
+            Reject::SessionNotFound => "No such session; start a new one.",
         }
     }
 
@@ -221,6 +228,7 @@ impl Reject {
             Reject::UpstreamUnavailable => "upstream_error",
             Reject::UpstreamTimeout => "upstream_timeout",
             Reject::UpgradeUnsupported => "upgrade_unsupported",
+            Reject::SessionNotFound => "session_mismatch",
         }
     }
 
@@ -246,6 +254,7 @@ impl Reject {
             Reject::UpstreamUnavailable => 14, // UNAVAILABLE
             Reject::UpstreamTimeout => 4,      // DEADLINE_EXCEEDED
             Reject::UpgradeUnsupported => 12,  // UNIMPLEMENTED
+            Reject::SessionNotFound => 5,      // NOT_FOUND
         }
     }
 
@@ -282,6 +291,7 @@ impl Reject {
             3 => "invalid%20request",
             14 => "service%20unavailable",
             4 => "deadline%20exceeded",
+            5 => "not%20found",
             _ => "unimplemented",
         }
     }
@@ -311,7 +321,8 @@ impl Reject {
             | Reject::BadRequest
             | Reject::UpstreamUnavailable
             | Reject::UpstreamTimeout
-            | Reject::UpgradeUnsupported => return None,
+            | Reject::UpgradeUnsupported
+            | Reject::SessionNotFound => return None,
         })
     }
 
@@ -406,6 +417,7 @@ mod tests {
             Reject::UpstreamUnavailable,
             Reject::UpstreamTimeout,
             Reject::UpgradeUnsupported,
+            Reject::SessionNotFound,
         ];
         for r in &counted {
             assert!(r.counts_toward_ban(), "{r:?}");

@@ -10,12 +10,24 @@
 //!   `Origin` that is not allowed is refused with 403 before anything else; toward the
 //!   backend `Origin` is removed, so the MCP SDK servers' own guard accepts the request.
 //!
+//! - Session binding: an `Mcp-Session-Id` the backend issued in an answer to one identity and
+//!   presented later by another gets 404 (MCP's answer for an unknown session), backend
+//!   untouched. Kept in this process's memory, bounded ([`Sessions`]).
+//!
 //! Fails closed: an `Origin` that is not exactly an allowed one (or the resource's own) is
-//! refused, a preflight from it too.
+//! refused, a preflight from it too; a session bound to another identity is refused. Fails
+//! open where it cannot know: a session id this process never saw issued (issued before a
+//! restart, or by a request through another replica) passes to the backend, which knows its
+//! own sessions.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
+use sha2::{Digest, Sha256};
 
 use crate::error::Reject;
 
@@ -34,8 +46,76 @@ pub struct McpConfig {
     pub allowed_origins: Vec<String>,
 }
 
+/// Sessions remembered at most; when full, those idle longest go first.
+const SESSIONS: usize = 100_000;
+
+/// A session not used for this long is forgotten when room is needed.
+const SESSION_IDLE: Duration = Duration::from_secs(24 * 3600);
+
+/// Which identity each `Mcp-Session-Id` was issued to, by the SHA-256 of the id (a session id
+/// is a bearer secret of the backend's: never kept or logged as it is).
+#[derive(Default)]
+pub struct Sessions {
+    owners: Mutex<HashMap<[u8; 32], (String, Instant)>>,
+}
+
+impl Sessions {
+    fn key(id: &HeaderValue) -> [u8; 32] {
+        Sha256::digest(id.as_bytes()).into()
+    }
+
+    /// Whether `owner` may use session `id`: yes when it was issued to `owner` or is unknown
+    /// here. A use refreshes it.
+    pub fn allows(&self, id: &HeaderValue, owner: &str) -> bool {
+        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        match owners.get_mut(&Sessions::key(id)) {
+            Some((o, seen)) if o == owner => {
+                *seen = Instant::now();
+                true
+            }
+            Some(_) => false,
+            None => true,
+        }
+    }
+
+    /// The backend issued session `id` in an answer to `owner`. A session already bound
+    /// stays with its first owner.
+    pub fn issued(&self, id: &HeaderValue, owner: &str) {
+        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        if owners.len() >= SESSIONS {
+            let now = Instant::now();
+            owners.retain(|_, (_, seen)| now.duration_since(*seen) < SESSION_IDLE);
+            if owners.len() >= SESSIONS {
+                let mut seen: Vec<Instant> = owners.values().map(|(_, s)| *s).collect();
+                seen.sort_unstable();
+                let cut = seen[seen.len() / 2];
+                owners.retain(|_, (_, s)| *s > cut);
+            }
+        }
+        owners
+            .entry(Sessions::key(id))
+            .or_insert_with(|| (owner.to_string(), Instant::now()));
+    }
+
+    /// Session `id` was ended (a DELETE the backend accepted).
+    pub fn ended(&self, id: &HeaderValue) {
+        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        owners.remove(&Sessions::key(id));
+    }
+
+    pub fn len(&self) -> usize {
+        self.owners.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// The MCP endpoint's behaviour, built once from the config.
 pub struct Mcp {
+    /// Which identity each session was issued to.
+    pub sessions: Sessions,
     path: String,
     /// OAuth is on (`[auth.jwt]`): metadata is served and challenges point at it.
     oauth: bool,
@@ -57,6 +137,8 @@ pub struct Mcp {
 
 const METADATA_ROOT: &str = "/.well-known/oauth-protected-resource";
 
+static MCP_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
+
 /// What every answer on the MCP path exposes to a browser-based client.
 const EXPOSE: HeaderValue =
     HeaderValue::from_static("WWW-Authenticate, Mcp-Session-Id, MCP-Protocol-Version");
@@ -66,6 +148,11 @@ const EXPOSE: HeaderValue =
 pub struct McpRequest {
     /// The request's `Origin`, when it is allowed (echoed in `Access-Control-Allow-Origin`).
     pub allowed_origin: Option<HeaderValue>,
+    /// The `Mcp-Session-Id` it carries, and who sent it, once authenticated.
+    pub session: Option<HeaderValue>,
+    pub owner: Option<String>,
+    /// A DELETE: the session ends when the backend accepts it.
+    pub delete: bool,
 }
 
 /// The `scheme://host[:port]` of a URI, lower case, without a default port.
@@ -163,6 +250,7 @@ impl Mcp {
             }),
             allowed_origins: config.allowed_origins.clone(),
             own_origin: resource.and_then(origin_of),
+            sessions: Sessions::default(),
         }
     }
 
@@ -189,6 +277,7 @@ impl Mcp {
             (None, _) => Ok(McpRequest::default()),
             (Some(o), None) if self.origin_allowed(o) => Ok(McpRequest {
                 allowed_origin: Some(o.clone()),
+                ..McpRequest::default()
             }),
             _ => Err(Reject::ForbiddenOrigin),
         }
@@ -287,6 +376,44 @@ impl Mcp {
         let mut resp = preflight_answer("GET, POST, DELETE, OPTIONS", h);
         self.cors(resp.headers_mut(), &req);
         (resp, "cors_preflight")
+    }
+
+    /// Session binding, once the caller is known: an `Mcp-Session-Id` issued to another
+    /// identity is refused (404). Anonymous callers are not bound. Two copies of the header
+    /// are refused too (which would the backend read?).
+    pub fn check_session(
+        &self,
+        headers: &HeaderMap,
+        req: &mut McpRequest,
+        owner: Option<String>,
+    ) -> Result<(), Reject> {
+        let mut ids = headers.get_all(&MCP_SESSION_ID).iter();
+        let id = match (ids.next(), ids.next()) {
+            (_, Some(_)) => return Err(Reject::BadRequest),
+            (id, None) => id.cloned(),
+        };
+        if let (Some(id), Some(owner)) = (&id, &owner) {
+            if !self.sessions.allows(id, owner) {
+                tracing::warn!(event = "mcp_session_mismatch", identity = %owner, "an MCP session issued to another identity was presented: 404");
+                return Err(Reject::SessionNotFound);
+            }
+        }
+        (req.session, req.owner) = (id, owner);
+        Ok(())
+    }
+
+    /// What the backend's answer says about sessions: one issued (bound to the caller), or
+    /// one ended by an accepted DELETE.
+    pub fn answered(&self, req: &McpRequest, status: StatusCode, headers: &HeaderMap) {
+        let Some(owner) = &req.owner else {
+            return;
+        };
+        if let Some(id) = headers.get(&MCP_SESSION_ID) {
+            self.sessions.issued(id, owner);
+        }
+        if let (true, Some(id)) = (req.delete && status.is_success(), &req.session) {
+            self.sessions.ended(id);
+        }
     }
 
     /// The CORS headers of every answer on the MCP path, refusals included.
@@ -456,6 +583,20 @@ mod tests {
             ),
             "{v}"
         );
+    }
+
+    #[test]
+    fn a_session_belongs_to_the_identity_it_was_issued_to() {
+        let s = Sessions::default();
+        let id = HeaderValue::from_static("4f6c1a7e");
+        assert!(s.allows(&id, "key:a"), "unknown here: the backend decides");
+        s.issued(&id, "key:a");
+        s.issued(&id, "key:b");
+        assert!(s.allows(&id, "key:a"));
+        assert!(!s.allows(&id, "key:b"), "the first owner keeps it");
+        s.ended(&id);
+        assert!(s.allows(&id, "key:b"));
+        assert!(s.is_empty());
     }
 
     #[test]

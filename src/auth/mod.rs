@@ -278,6 +278,20 @@ impl Identity {
         }
     }
 
+    /// Who this is across credentials of one principal, as `kind:name` (a key by its name, so
+    /// that a rotation to a new key of the same name keeps it); `None` when anonymous. What an
+    /// MCP session is bound to.
+    pub fn owner(&self) -> Option<String> {
+        let kind = match self {
+            Identity::Key(_) => "key",
+            Identity::User(_) => "user",
+            Identity::ClientCert(_) => "cert",
+            Identity::Token(_) => "token",
+            Identity::Anonymous => return None,
+        };
+        Some(format!("{kind}:{}", self.name()?))
+    }
+
     /// The name as the identity header carries it. Names are validated at load time to be
     /// header-safe; a key's value is made once, when the keys file is loaded.
     pub fn header_value(&self) -> Option<http::HeaderValue> {

@@ -178,6 +178,9 @@ impl Proxy {
         resp.headers_mut()
             .insert(X_REQUEST_ID.clone(), ex.record.request_id.value().clone());
         if let (Some(mcp), Some(req)) = (&self.mcp, &ex.mcp) {
+            if ex.record.outcome == "ok" {
+                mcp.answered(req, resp.status(), resp.headers());
+            }
             mcp.cors(resp.headers_mut(), req);
         }
         if let Some(decision) = &ex.rate {
@@ -346,6 +349,9 @@ impl Proxy {
             ex.mcp = Some(checked.clone().unwrap_or_default());
             checked?;
             req.headers_mut().remove(header::ORIGIN);
+            if let Some(m) = &mut ex.mcp {
+                m.delete = req.method() == Method::DELETE;
+            }
         }
         let (mut parts, body) = req.into_parts();
         let public = self
@@ -378,6 +384,9 @@ impl Proxy {
             _ => &parts.method,
         };
         Proxy::authorize(identity, method, &admitted.path)?;
+        if let (Some(mcp), Some(m)) = (&self.mcp, &mut ex.mcp) {
+            mcp.check_session(&parts.headers, m, identity.owner())?;
+        }
         self.rate_limit(identity, ex).await?;
         let how = admitted.upgrade.as_ref().map(|(how, _)| *how);
         self.rewrite(&mut parts, &admitted.path, &verified, how, conn, ex)?;

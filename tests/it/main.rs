@@ -10,6 +10,7 @@ mod hardening;
 mod htpasswd;
 mod layout;
 mod limits;
+mod mcp;
 mod oauth;
 mod ops;
 mod paths;
