@@ -93,7 +93,6 @@ impl Validator<'_> {
 
     pub(super) fn mcp(&mut self, raw: Option<Spanned<RawMcp>>) -> Option<McpConfig> {
         let raw = raw?;
-        let span = Spanned::new(raw.span(), ());
         let r = raw.into_inner();
         let path = match &r.path {
             None => "/mcp".to_string(),
@@ -145,7 +144,6 @@ impl Validator<'_> {
                 self.err(name, "resource_name must be one line of text");
             }
         }
-        let _ = span;
         Some(McpConfig {
             path,
             resource,
