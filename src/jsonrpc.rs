@@ -1,5 +1,6 @@
 //! JSON-RPC 2.0 messages as an MCP client POSTs them, parsed strictly: what a proxy that
-//! judges a call must read exactly as the server will (MCP.md §3).
+//! judges a call must read exactly as the server will (MCP.md §3); and list answers filtered to
+//! what a caller may use ([`filter_list`]).
 //!
 //! Fails closed: anything but one JSON object with `"jsonrpc": "2.0"` is refused; so is a
 //! batch (removed from MCP in 2025-06-18), an object with a **duplicate key** at any depth
@@ -77,6 +78,53 @@ impl Message {
             .map(Some)
             .ok_or(Refusal::Params)
     }
+}
+
+/// A list an MCP client asks for, whose answer can be filtered to what the caller may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListKind {
+    Tools,
+    Prompts,
+    Resources,
+}
+
+impl ListKind {
+    /// The list a method asks for, if it is one of these.
+    pub fn of(method: &str) -> Option<ListKind> {
+        match method {
+            "tools/list" => Some(ListKind::Tools),
+            "prompts/list" => Some(ListKind::Prompts),
+            "resources/list" => Some(ListKind::Resources),
+            _ => None,
+        }
+    }
+
+    /// The result's array, and what names an entry of it.
+    fn fields(self) -> (&'static str, &'static str) {
+        match self {
+            ListKind::Tools => ("tools", "name"),
+            ListKind::Prompts => ("prompts", "name"),
+            ListKind::Resources => ("resources", "uri"),
+        }
+    }
+}
+
+/// In a JSON-RPC response to a list request, keep only the entries `keep` accepts (by name,
+/// or URI for resources); `nextCursor` and every other field stay as they are. Returns how
+/// many entries were removed. Fails closed: an entry without a string name is removed; an
+/// error response, or a result without the list, is left alone (there is nothing to show).
+pub fn filter_list(response: &mut Value, kind: ListKind, keep: impl Fn(&str) -> bool) -> usize {
+    let (list, key) = kind.fields();
+    let Some(entries) = response
+        .get_mut("result")
+        .and_then(|r| r.get_mut(list))
+        .and_then(Value::as_array_mut)
+    else {
+        return 0;
+    };
+    let before = entries.len();
+    entries.retain(|e| e.get(key).and_then(Value::as_str).is_some_and(&keep));
+    before - entries.len()
 }
 
 /// A JSON value that refuses duplicate object keys while it is read.
@@ -297,6 +345,32 @@ mod tests {
             Err(Refusal::NotJson),
             "nesting is bounded"
         );
+    }
+
+    #[test]
+    fn a_list_keeps_what_the_caller_may_use_and_its_cursor() {
+        let mut r = serde_json::json!({"jsonrpc": "2.0", "id": 3, "result": {
+            "tools": [{"name": "search_docs"}, {"name": "delete_all"}, {"title": "no name"}, {"name": 5}],
+            "nextCursor": "c2"
+        }});
+        let removed = filter_list(&mut r, ListKind::Tools, |n| n.starts_with("search_"));
+        assert_eq!(removed, 3);
+        assert_eq!(
+            r["result"]["tools"],
+            serde_json::json!([{"name": "search_docs"}])
+        );
+        assert_eq!(r["result"]["nextCursor"], "c2");
+        let mut r = serde_json::json!({"jsonrpc": "2.0", "id": 4, "result": {
+            "resources": [{"uri": "file:///a", "name": "a"}, {"uri": "db://b", "name": "b"}]}});
+        assert_eq!(
+            filter_list(&mut r, ListKind::Resources, |u| u.starts_with("file:")),
+            1
+        );
+        let mut e =
+            serde_json::json!({"jsonrpc": "2.0", "id": 5, "error": {"code": -1, "message": "x"}});
+        assert_eq!(filter_list(&mut e, ListKind::Prompts, |_| false), 0);
+        assert_eq!(ListKind::of("tools/list"), Some(ListKind::Tools));
+        assert_eq!(ListKind::of("tools/call"), None);
     }
 
     fn json_value() -> impl Strategy<Value = Value> {

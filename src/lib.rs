@@ -26,6 +26,7 @@ pub mod reload;
 #[cfg(unix)]
 pub mod sdnotify;
 pub mod server;
+pub mod sse;
 pub mod streams;
 pub mod tls;
 
