@@ -8,6 +8,12 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
+/// The Basic challenge (RFC 7617): the realm (validated at load: printable, no quotes), and
+/// UTF-8 as the credentials' charset.
+pub fn basic_challenge(realm: &str) -> Option<HeaderValue> {
+    HeaderValue::from_str(&format!("Basic realm=\"{realm}\", charset=\"UTF-8\"")).ok()
+}
+
 /// An error with every cause under it, `outer: inner: …`, for logs.
 pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
@@ -365,9 +371,7 @@ impl Reject {
                 }
             }
             Reject::BasicRequired(realm) | Reject::BadPassword(realm) => {
-                // RFC 7617: the realm, and UTF-8 as the credentials' charset.
-                let challenge = format!("Basic realm=\"{realm}\", charset=\"UTF-8\"");
-                if let Ok(v) = HeaderValue::from_str(&challenge) {
+                if let Some(v) = basic_challenge(realm) {
                     h.insert(header::WWW_AUTHENTICATE, v);
                 }
             }

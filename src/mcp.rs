@@ -184,8 +184,9 @@ fn quoted(v: &str) -> String {
 }
 
 impl Mcp {
-    /// `htpasswd_realm`: the Basic realm when htpasswd is on. `oauth`: `[auth.jwt]` is on.
-    pub fn new(config: &McpConfig, oauth: bool, htpasswd_realm: Option<&str>, realm: &str) -> Mcp {
+    /// `oauth`: `[auth.jwt]` is on. `basic`: htpasswd is on (its challenge follows the
+    /// Bearer one). `realm`: `[auth] realm`.
+    pub fn new(config: &McpConfig, oauth: bool, basic: bool, realm: &str) -> Mcp {
         let resource = config.resource.as_ref();
         let resource_path = resource.map(|r| r.path().trim_end_matches('/').to_string());
         let metadata_url = resource.and_then(|r| {
@@ -244,10 +245,9 @@ impl Mcp {
             challenge: HeaderValue::from_str(&challenge).expect("quoted header text"),
             invalid_token: HeaderValue::from_str(&invalid_token).expect("quoted header text"),
             metadata_param,
-            basic: htpasswd_realm.and_then(|r| {
-                HeaderValue::from_str(&format!("Basic realm=\"{}\", charset=\"UTF-8\"", quoted(r)))
-                    .ok()
-            }),
+            basic: basic
+                .then(|| crate::error::basic_challenge(realm))
+                .flatten(),
             allowed_origins: config.allowed_origins.clone(),
             own_origin: resource.and_then(origin_of),
             sessions: Sessions::default(),
@@ -516,7 +516,7 @@ mod tests {
             scopes_supported: vec!["mcp:tools".into()],
             allowed_origins: vec!["https://claude.ai".into()],
         };
-        Mcp::new(&config, oauth, basic.then_some("portcullis"), "portcullis")
+        Mcp::new(&config, oauth, basic, "portcullis")
     }
 
     #[test]

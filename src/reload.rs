@@ -81,8 +81,10 @@ pub struct Reloader {
     pub keys: Option<Mutex<FileStatus>>,
     /// The htpasswd file's reload status, when there is one.
     pub htpasswd: Option<Mutex<FileStatus>>,
-    /// `[auth.jwt] jwks_file`: its reload status and the key set it feeds.
-    pub jwks: Option<(Mutex<FileStatus>, Arc<Jwks>)>,
+    /// `[auth.jwt] jwks_file`'s reload status, when there is one.
+    pub jwks: Option<Mutex<FileStatus>>,
+    /// The key set `jwks_file` feeds.
+    jwks_set: Option<Arc<Jwks>>,
     htpasswd_plaintext: bool,
     /// The served certificate and the files it comes from, when TLS is on.
     cert: Option<(Arc<CertResolver>, TlsConfig)>,
@@ -108,7 +110,8 @@ impl Reloader {
             streams,
             keys: status(&config.auth.keys_file),
             htpasswd: status(&config.auth.htpasswd_file),
-            jwks: status(&jwks_file).zip(jwks),
+            jwks: status(&jwks_file),
+            jwks_set: jwks,
             htpasswd_plaintext: config.auth.htpasswd_plaintext,
             cert: cert.zip(config.tls.as_ref().map(|t| t.files.clone())),
             serial: Mutex::new(()),
@@ -139,12 +142,7 @@ impl Reloader {
             .into_iter()
             .filter_map(|s| Reloader::status(s).map(|s| s.file))
             .collect();
-        if let Some((status, _)) = &self.jwks {
-            let file = status
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .file
-                .clone();
+        if let Some(file) = Reloader::status(&self.jwks).map(|s| s.file) {
             let this = self.clone();
             let w = watch(&[file], stop.clone(), move || this.reload_jwks())
                 .map_err(|e| anyhow::anyhow!("cannot watch the JWKS file: {e}"))?;
@@ -268,7 +266,7 @@ impl Reloader {
     /// Re-read `jwks_file` and swap in its keys; a file that does not parse, or holds no
     /// usable key, keeps the last good set. Blocking: reads and parses.
     pub fn reload_jwks(&self) {
-        let Some((status, jwks)) = &self.jwks else {
+        let (Some(status), Some(jwks)) = (&self.jwks, &self.jwks_set) else {
             return;
         };
         if let Attempt::Loaded(keys) = attempt(status, "jwks", JwkKeys::parse_file) {
@@ -330,14 +328,13 @@ impl Reloader {
 impl crate::metrics::ReloadReport for Reloader {
     fn rows(&self) -> Vec<crate::metrics::ReloadRow> {
         let mut rows = Vec::new();
-        let jwks = self.jwks.as_ref().map(|(s, _)| s);
         let files = [
-            ("keys", self.keys.as_ref()),
-            ("htpasswd", self.htpasswd.as_ref()),
-            ("jwks", jwks),
+            ("keys", &self.keys),
+            ("htpasswd", &self.htpasswd),
+            ("jwks", &self.jwks),
         ];
         for (file, status) in files {
-            if let Some(s) = status.map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone()) {
+            if let Some(s) = Reloader::status(status) {
                 rows.push(crate::metrics::ReloadRow {
                     file,
                     ok: s.reloads_ok,

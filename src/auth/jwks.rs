@@ -155,13 +155,13 @@ impl Jwks {
         }
         let version = || self.version.load(std::sync::atomic::Ordering::SeqCst);
         let mut verified_under = version();
-        let result = match self.jwt.verify(token, &self.keys.load()) {
+        let result = match self.jwt.verify(token, &digest, &self.keys.load()) {
             Err(Reject::InvalidJwt(TokenRefusal::UnknownKey))
                 if !matches!(self.jwt.config.source, JwksSource::File(_))
                     && self.refetch_for_unknown_kid().await =>
             {
                 verified_under = version();
-                self.jwt.verify(token, &self.keys.load())
+                self.jwt.verify(token, &digest, &self.keys.load())
             }
             other => other,
         };

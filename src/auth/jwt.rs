@@ -17,7 +17,6 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderValue, Uri};
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use sha2::{Digest, Sha256};
 
 use crate::diag::Diagnostic;
 use crate::error::{Reject, TokenRefusal};
@@ -344,9 +343,15 @@ impl Jwt {
         Ok((header.kid, header.alg))
     }
 
-    /// Verify `token` with the key `keys` holds for it. `Err(Reject::InvalidJwt(UnknownKey))`
-    /// when the set has no key with the token's `kid` (the caller may refetch and try again).
-    pub fn verify(&self, token: &str, keys: &JwkKeys) -> Result<TokenIdentity, Reject> {
+    /// Verify `token` (whose SHA-256 is `digest`) with the key `keys` holds for it.
+    /// `Err(Reject::InvalidJwt(UnknownKey))` when the set has no key with the token's `kid`
+    /// (the caller may refetch and try again).
+    pub fn verify(
+        &self,
+        token: &str,
+        digest: &[u8; 32],
+        keys: &JwkKeys,
+    ) -> Result<TokenIdentity, Reject> {
         let refuse = |r| Reject::InvalidJwt(r);
         let (kid, alg) = self.header(token).map_err(refuse)?;
         let key = keys.find(kid.as_deref(), alg).map_err(refuse)?;
@@ -385,8 +390,7 @@ impl Jwt {
                 self.config.required_scopes.join(" ").into(),
             ));
         }
-        let digest = Sha256::digest(token.as_bytes());
-        let fingerprint = crate::auth::api_key::hex(&digest)[..12].to_string();
+        let fingerprint = crate::auth::api_key::hex(digest)[..12].to_string();
         Ok(TokenIdentity {
             value: HeaderValue::from_str(&subject).ok(),
             subject: subject.into(),

@@ -97,12 +97,11 @@ impl Proxy {
             request_strip.push(header::AUTHORIZATION);
         }
         let mcp = config.mcp.as_ref().map(|m| {
-            let basic = config
-                .auth
-                .htpasswd_file
-                .as_ref()
-                .map(|_| config.auth.realm.as_str());
-            Mcp::new(m, config.auth.jwt.is_some(), basic, &config.auth.realm)
+            let (oauth, basic) = (
+                config.auth.jwt.is_some(),
+                config.auth.htpasswd_file.is_some(),
+            );
+            Mcp::new(m, oauth, basic, &config.auth.realm)
         });
         let mut trailer_strip = headers::spoofable(&config.auth.identity_header);
         trailer_strip.extend(config.auth.api_key_headers.iter().cloned());
@@ -346,12 +345,11 @@ impl Proxy {
             // The Origin rule comes first: a foreign page never learns more than 403. Its
             // refusal is on the MCP path too (profile and CORS headers), hence the default.
             let checked = mcp.check_origin(req.headers());
-            ex.mcp = Some(checked.clone().unwrap_or_default());
+            let mut on_path = checked.clone().unwrap_or_default();
+            on_path.delete = req.method() == Method::DELETE;
+            ex.mcp = Some(on_path);
             checked?;
             req.headers_mut().remove(header::ORIGIN);
-            if let Some(m) = &mut ex.mcp {
-                m.delete = req.method() == Method::DELETE;
-            }
         }
         let (mut parts, body) = req.into_parts();
         let public = self

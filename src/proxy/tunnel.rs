@@ -173,12 +173,7 @@ pub async fn run(
     let mut client = ActivityIo::new(TokioIo::new(client), activity.clone());
     let mut upstream = TokioIo::new(upstream);
     let revoked = guard.revoked().clone();
-    let lifetime = async {
-        match limits.lifetime {
-            Some(d) => tokio::time::sleep(d).await,
-            None => std::future::pending().await,
-        }
-    };
+    let lifetime = until(limits.lifetime.map(|d| Instant::now() + d));
     // When either side finishes, the tunnel ends: what it sent is delivered and the other side
     // is closed, rather than waiting on a peer that may never close its half (a WebSocket
     // client waits for the server to close after the closing handshake).

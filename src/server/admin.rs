@@ -176,11 +176,8 @@ async fn readiness(admin: &Admin) -> Response<Full<Bytes>> {
             "jwks": jwks.map(|j| {
                 let mut v = serde_json::to_value(j).unwrap_or_default();
                 // For a jwks_file: its reload status, as for the keys file.
-                if let Some((status, _)) = &admin.reloader.jwks {
-                    v["reload"] = serde_json::to_value(
-                        status.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-                    )
-                    .unwrap_or_default();
+                if let Some(status) = Reloader::status(&admin.reloader.jwks) {
+                    v["reload"] = serde_json::to_value(status).unwrap_or_default();
                 }
                 v
             }),
