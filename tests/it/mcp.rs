@@ -30,42 +30,31 @@ async fn a_session_issued_to_one_identity_is_not_found_for_another() {
     let backend = issuing_backend().await;
     let proxy = Proxy::start(&backend.url(), "[mcp]\npath = \"/mcp\"\n").await;
     let (a, b) = (bearer(PROD_KEY), bearer(WEB_KEY));
-    let post = async |auth: &str, session: Option<&str>| {
+    let call = async |method: &str, auth: &str, session: Option<&str>| {
         let mut h = vec![("authorization", auth)];
         if let Some(s) = session {
             h.push(("mcp-session-id", s));
         }
-        send("POST", &proxy.url("/mcp"), &h, "{}").await
+        let body = if method == "POST" { "{}" } else { "" };
+        send(method, &proxy.url("/mcp"), &h, body).await
     };
 
-    let r = post(&a, None).await;
+    let r = call("POST", &a, None).await;
     assert_eq!(r.status, 200);
     let session = r.headers["mcp-session-id"].to_str().unwrap().to_string();
-    assert_eq!(post(&a, Some(&session)).await.status, 200);
+    assert_eq!(call("POST", &a, Some(&session)).await.status, 200);
     let seen = backend.take().len();
     assert_eq!(seen, 2);
 
     // Another identity presenting it: 404, as for a session the server does not know.
-    let r = post(&b, Some(&session)).await;
+    let r = call("POST", &b, Some(&session)).await;
     assert_eq!(
         (r.status.as_u16(), r.error_code().as_str()),
         (404, "session_not_found")
     );
-    let r = send(
-        "GET",
-        &proxy.url("/mcp"),
-        &[("authorization", &b), ("mcp-session-id", &session)],
-        "",
-    )
-    .await;
+    let r = call("GET", &b, Some(&session)).await;
     assert_eq!(r.status, 404, "the SSE stream of the session too");
-    let r = send(
-        "DELETE",
-        &proxy.url("/mcp"),
-        &[("authorization", &b), ("mcp-session-id", &session)],
-        "",
-    )
-    .await;
+    let r = call("DELETE", &b, Some(&session)).await;
     assert_eq!(r.status, 404, "and its end");
     assert_eq!(backend.count(), 0, "the backend never saw them");
     // Two copies of the header: which would the backend read?
@@ -83,18 +72,12 @@ async fn a_session_issued_to_one_identity_is_not_found_for_another() {
     assert_eq!(r.status, 400);
 
     // A session this process never saw issued (another replica, a restart): the backend decides.
-    assert_eq!(post(&b, Some("issued-elsewhere")).await.status, 200);
+    assert_eq!(call("POST", &b, Some("issued-elsewhere")).await.status, 200);
 
     // Ended by its owner: no longer bound.
-    let r = send(
-        "DELETE",
-        &proxy.url("/mcp"),
-        &[("authorization", &a), ("mcp-session-id", &session)],
-        "",
-    )
-    .await;
+    let r = call("DELETE", &a, Some(&session)).await;
     assert_eq!(r.status, 200);
-    assert_eq!(post(&b, Some(&session)).await.status, 200);
+    assert_eq!(call("POST", &b, Some(&session)).await.status, 200);
 
     let lines = proxy.access_lines(9).await;
     assert_eq!(

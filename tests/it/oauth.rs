@@ -878,6 +878,32 @@ async fn a_stream_opened_with_a_token_ends_when_the_token_expires() {
     assert_eq!(lines[0]["identity"], "alice");
 }
 
+/// An SDK client's report of an OAuth sign-in through the proxy on `port`: it listed the tools
+/// and called one, after asking for the resource and the advertised scope, with PKCE.
+fn signed_in_and_called(out: &serde_json::Value, port: u16) {
+    assert_eq!(out["tools"], serde_json::json!(["add", "echo"]), "{out}");
+    assert_eq!(out["result"], serde_json::json!(["5"]), "{out}");
+    let authorize = out["authorize_url"].as_str().unwrap();
+    assert!(
+        authorize.contains("code_challenge_method=S256"),
+        "{authorize}"
+    );
+    let resource = format!("resource=http%3A%2F%2F127.0.0.1%3A{port}%2Fmcp");
+    assert!(authorize.contains(&resource), "{authorize}");
+    assert!(authorize.contains("scope=mcp%3Atools"), "{authorize}");
+}
+
+/// Neither a credential nor an `Origin` ever reached the MCP server.
+fn no_credential_reached(seen: &[serde_json::Value]) {
+    for s in seen {
+        assert!(
+            s["headers"]["authorization"].is_null(),
+            "a credential reached the MCP server: {s}"
+        );
+        assert!(s["headers"]["origin"].is_null(), "{s}");
+    }
+}
+
 #[tokio::test]
 async fn the_official_mcp_python_client_signs_in_knowing_only_the_url() {
     let Some(idp) = Idp::start() else { return };
@@ -893,20 +919,7 @@ async fn the_official_mcp_python_client_signs_in_knowing_only_the_url() {
     .await;
     let url = format!("http://127.0.0.1:{port}/mcp");
 
-    let out = mcp_client(&["oauth", &url]).await;
-    assert_eq!(out["tools"], serde_json::json!(["add", "echo"]), "{out}");
-    assert_eq!(out["result"], serde_json::json!(["5"]), "{out}");
-    // The sign-in asked for the resource and the advertised scope, with PKCE.
-    let authorize = out["authorize_url"].as_str().unwrap();
-    assert!(
-        authorize.contains("code_challenge_method=S256"),
-        "{authorize}"
-    );
-    assert!(
-        authorize.contains(&format!("resource=http%3A%2F%2F127.0.0.1%3A{port}%2Fmcp")),
-        "{authorize}"
-    );
-    assert!(authorize.contains("scope=mcp%3Atools"), "{authorize}");
+    signed_in_and_called(&mcp_client(&["oauth", &url]).await, port);
     assert_eq!(
         idp.stats().await["clients"],
         1,
@@ -919,13 +932,7 @@ async fn the_official_mcp_python_client_signs_in_knowing_only_the_url() {
 
     let seen = server.seen();
     assert!(seen.len() >= 6, "{seen:?}");
-    for s in &seen {
-        assert!(
-            s["headers"]["authorization"].is_null(),
-            "a credential reached the MCP server: {s}"
-        );
-        assert!(s["headers"]["origin"].is_null());
-    }
+    no_credential_reached(&seen);
     let identities: std::collections::BTreeSet<_> = seen
         .iter()
         .map(|s| {
@@ -967,26 +974,10 @@ async fn the_official_mcp_typescript_client_signs_in_knowing_only_the_url() {
     )
     .await;
     let url = format!("http://127.0.0.1:{port}/mcp");
-    let out = ts_client(&["oauth", &url]).await;
-    assert_eq!(out["tools"], serde_json::json!(["add", "echo"]), "{out}");
-    assert_eq!(out["result"], serde_json::json!(["5"]), "{out}");
-    let authorize = out["authorize_url"].as_str().unwrap();
-    assert!(
-        authorize.contains("code_challenge_method=S256"),
-        "{authorize}"
-    );
-    assert!(
-        authorize.contains(&format!("resource=http%3A%2F%2F127.0.0.1%3A{port}%2Fmcp")),
-        "{authorize}"
-    );
+    signed_in_and_called(&ts_client(&["oauth", &url]).await, port);
     let out = ts_client(&["key", &url, PROD_KEY]).await;
     assert_eq!(out["result"], serde_json::json!(["5"]), "{out}");
-    for s in server.seen() {
-        assert!(
-            s["headers"]["authorization"].is_null(),
-            "a credential reached the MCP server: {s}"
-        );
-    }
+    no_credential_reached(&server.seen());
 }
 
 #[tokio::test]
