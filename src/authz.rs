@@ -108,6 +108,185 @@ pub fn is_allowed(rules: Option<&[Rule]>, method: &http::Method, path: &str) -> 
     }
 }
 
+/// A tool or prompt name pattern (`[mcp] tool_policy`): `*` stands for any run of characters
+/// (`search_*`, `*_read`, `*`); every other character matches itself, case-sensitively, as MCP
+/// servers compare names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Glob(String);
+
+impl Glob {
+    /// 1–128 visible ASCII characters (MCP tool names are letters, digits, `_`, `-`, `.`, `/`).
+    pub fn parse(s: &str) -> Result<Glob, String> {
+        if s.is_empty() || s.len() > 128 || !s.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!(
+                "{s:?} must be 1-128 visible ASCII characters, '*' standing for any run of them"
+            ));
+        }
+        Ok(Glob(s.to_string()))
+    }
+
+    /// Whether `name` matches, in linear time (the classic two-pointer wildcard match: on a
+    /// mismatch, back up to just after the last `*`, which absorbs one more character).
+    pub fn matches(&self, name: &str) -> bool {
+        let (p, n) = (self.0.as_bytes(), name.as_bytes());
+        let (mut i, mut j) = (0, 0);
+        let mut star: Option<(usize, usize)> = None;
+        while j < n.len() {
+            if i < p.len() && p[i] == b'*' {
+                star = Some((i, j));
+                i += 1;
+            } else if i < p.len() && p[i] == n[j] {
+                i += 1;
+                j += 1;
+            } else if let Some((si, sj)) = star {
+                i = si + 1;
+                j = sj + 1;
+                star = Some((si, sj + 1));
+            } else {
+                return false;
+            }
+        }
+        p[i..].iter().all(|&c| c == b'*')
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// What MCP asks for by name: a tool (`tools/call`), a prompt (`prompts/get`), a resource
+/// (`resources/read`, by URI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum McpKind {
+    Tool,
+    Prompt,
+    Resource,
+}
+
+impl McpKind {
+    /// The rule field that governs it, as keys.toml and `[[mcp.grants]]` spell it.
+    pub fn field(self) -> &'static str {
+        match self {
+            McpKind::Tool => "tools",
+            McpKind::Prompt => "prompts",
+            McpKind::Resource => "resources",
+        }
+    }
+}
+
+/// Which MCP tools, prompts and resources an identity may use (`[mcp] tool_policy`): tools and
+/// prompts by [`Glob`], resources by URI prefix. In each field, `None` (the field absent) is
+/// every one, and an empty list none. Fails closed: a name no entry matches is refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct McpRules {
+    pub tools: Option<Vec<Glob>>,
+    pub prompts: Option<Vec<Glob>>,
+    pub resources: Option<Vec<String>>,
+}
+
+/// Which entry of a rule list let a name through, for the audit line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Permit {
+    /// The field is absent: every name.
+    Unrestricted,
+    /// The entry at this index.
+    Entry(usize),
+}
+
+impl McpRules {
+    /// Every tool, prompt and resource.
+    pub const ALL: McpRules = McpRules {
+        tools: None,
+        prompts: None,
+        resources: None,
+    };
+
+    /// Whether `name` of `kind` is covered, and by what; `None`: refused.
+    pub fn permits(&self, kind: McpKind, name: &str) -> Option<Permit> {
+        let found = match kind {
+            McpKind::Tool | McpKind::Prompt => {
+                let list = if kind == McpKind::Tool {
+                    &self.tools
+                } else {
+                    &self.prompts
+                };
+                let Some(list) = list else {
+                    return Some(Permit::Unrestricted);
+                };
+                list.iter().position(|g| g.matches(name))
+            }
+            McpKind::Resource => {
+                let Some(list) = &self.resources else {
+                    return Some(Permit::Unrestricted);
+                };
+                list.iter().position(|p| name.starts_with(p.as_str()))
+            }
+        };
+        found.map(Permit::Entry)
+    }
+
+    /// Whether every name of `kind` is covered (a list answer needs no filtering).
+    pub fn unrestricted(&self, kind: McpKind) -> bool {
+        match kind {
+            McpKind::Tool => self.tools.is_none(),
+            McpKind::Prompt => self.prompts.is_none(),
+            McpKind::Resource => self.resources.is_none(),
+        }
+    }
+
+    /// The entry at `index` of `kind`'s list, as written (for the audit line).
+    pub fn entry(&self, kind: McpKind, index: usize) -> Option<&str> {
+        match kind {
+            McpKind::Tool => self.tools.as_ref()?.get(index).map(Glob::as_str),
+            McpKind::Prompt => self.prompts.as_ref()?.get(index).map(Glob::as_str),
+            McpKind::Resource => self.resources.as_ref()?.get(index).map(String::as_str),
+        }
+    }
+
+    /// What either set covers: a field absent in one is absent in the union.
+    pub fn union(&mut self, other: &McpRules) {
+        fn join<T: Clone>(a: &mut Option<Vec<T>>, b: &Option<Vec<T>>) {
+            match (a.as_mut(), b) {
+                (Some(a), Some(b)) => a.extend(b.iter().cloned()),
+                (Some(_), None) => *a = None,
+                (None, _) => {}
+            }
+        }
+        join(&mut self.tools, &other.tools);
+        join(&mut self.prompts, &other.prompts);
+        join(&mut self.resources, &other.resources);
+    }
+
+    /// Parse one field's entries, naming the bad ones.
+    pub fn parse_field(kind: McpKind, entries: &[&str]) -> Result<McpRules, String> {
+        let mut rules = McpRules::default();
+        match kind {
+            McpKind::Tool | McpKind::Prompt => {
+                let globs = entries
+                    .iter()
+                    .map(|e| Glob::parse(e))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if kind == McpKind::Tool {
+                    rules.tools = Some(globs);
+                } else {
+                    rules.prompts = Some(globs);
+                }
+            }
+            McpKind::Resource => {
+                for e in entries {
+                    if e.is_empty() || e.chars().any(|c| c.is_control() || c == ' ') {
+                        return Err(format!(
+                            "{e:?} must be a URI prefix such as \"file:///docs/\" (no spaces)"
+                        ));
+                    }
+                }
+                rules.resources = Some(entries.iter().map(|e| e.to_string()).collect());
+            }
+        }
+        Ok(rules)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,5 +334,57 @@ mod tests {
         ] {
             assert!(Rule::parse(bad).is_err(), "{bad} should be refused");
         }
+    }
+
+    #[test]
+    fn tool_globs_match_whole_names_with_stars_for_any_run() {
+        let g = |p: &str| Glob::parse(p).unwrap();
+        assert!(g("search_*").matches("search_docs"));
+        assert!(g("search_*").matches("search_"));
+        assert!(!g("search_*").matches("research_docs"));
+        assert!(g("*_read").matches("file_read"));
+        assert!(!g("*_read").matches("file_read_all"));
+        assert!(g("a*b*c").matches("axxbyyc"));
+        assert!(!g("a*b*c").matches("axxbyy"));
+        assert!(g("*").matches(""));
+        assert!(g("get").matches("get"));
+        assert!(!g("get").matches("Get"), "names compare case-sensitively");
+        assert!(g("**x").matches("abx"));
+        assert!(Glob::parse("").is_err());
+        assert!(Glob::parse("has space").is_err());
+    }
+
+    #[test]
+    fn absent_fields_cover_everything_and_empty_lists_nothing() {
+        let all = McpRules::ALL;
+        assert_eq!(all.permits(McpKind::Tool, "x"), Some(Permit::Unrestricted));
+        let none = McpRules {
+            tools: Some(vec![]),
+            prompts: Some(vec![]),
+            resources: Some(vec![]),
+        };
+        assert_eq!(none.permits(McpKind::Tool, "x"), None);
+        assert_eq!(none.permits(McpKind::Resource, "file:///x"), None);
+        let mut some = McpRules::parse_field(McpKind::Tool, &["get_*", "search"]).unwrap();
+        assert_eq!(
+            some.permits(McpKind::Tool, "search"),
+            Some(Permit::Entry(1))
+        );
+        assert_eq!(some.entry(McpKind::Tool, 1), Some("search"));
+        assert_eq!(some.permits(McpKind::Tool, "delete"), None);
+        assert_eq!(
+            some.permits(McpKind::Prompt, "p"),
+            Some(Permit::Unrestricted)
+        );
+        some.union(&McpRules::parse_field(McpKind::Tool, &["delete"]).unwrap());
+        assert_eq!(
+            some.permits(McpKind::Tool, "delete"),
+            Some(Permit::Entry(2))
+        );
+        some.union(&McpRules::ALL);
+        assert!(some.unrestricted(McpKind::Tool));
+        let r = McpRules::parse_field(McpKind::Resource, &["file:///docs/"]).unwrap();
+        assert!(r.permits(McpKind::Resource, "file:///docs/a.md").is_some());
+        assert!(r.permits(McpKind::Resource, "file:///etc/passwd").is_none());
     }
 }

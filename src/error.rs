@@ -134,7 +134,46 @@ pub enum Reject {
     /// for a session the server does not know; the client starts a new one).
     #[error("session not found")]
     SessionNotFound,
+    /// On the MCP path under tool rules: a POST body that is not one strict JSON-RPC message
+    /// (why: `batch`, `duplicate_key`, `not_json`, …).
+    #[error("invalid JSON-RPC ({0})")]
+    InvalidJsonRpc(&'static str),
+    /// `Mcp-Method` / `Mcp-Name` disagree with the body (the JSON-RPC error body).
+    #[error("MCP header mismatch")]
+    McpHeaderMismatch(Arc<str>),
+    /// A tool, prompt or resource outside the caller's rules (the JSON-RPC error body, with
+    /// the request's id).
+    #[error("tool denied")]
+    ToolDenied(Arc<str>),
+    /// A `[[mcp.tool_limits]]` budget spent (the JSON-RPC error body).
+    #[error("tool rate limited")]
+    ToolRateLimited { body: Arc<str>, retry_after: u64 },
 }
+
+/// A JSON-RPC error answer of the proxy's own, with the request's `id` (`null` when unknown).
+/// `code` is one of [`RPC_DENIED`], [`RPC_LIMITED`], or a JSON-RPC / MCP code for a message
+/// that could not be judged.
+pub fn jsonrpc_error(
+    id: Option<&serde_json::Value>,
+    code: i64,
+    message: &str,
+    data: Option<serde_json::Value>,
+) -> Arc<str> {
+    let mut error = serde_json::json!({ "code": code, "message": message });
+    if let Some(d) = data {
+        error["data"] = d;
+    }
+    let body = serde_json::json!({ "jsonrpc": "2.0", "id": id, "error": error });
+    Arc::from(format!("{body}\n"))
+}
+
+/// The JSON-RPC error code of a call the tool rules refuse: outside the range JSON-RPC and
+/// MCP reserve (−32768…−32000), read like the HTTP status it stands for.
+pub const RPC_DENIED: i64 = 403;
+/// The JSON-RPC error code of a call held back by a tool limit.
+pub const RPC_LIMITED: i64 = 429;
+/// MCP's error for `Mcp-Method` / `Mcp-Name` headers that disagree with the body (2026-07-28).
+pub const RPC_HEADER_MISMATCH: i64 = -32020;
 
 impl Reject {
     pub fn status(&self) -> StatusCode {
@@ -156,6 +195,9 @@ impl Reject {
             Reject::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Reject::UpgradeUnsupported => StatusCode::NOT_IMPLEMENTED,
             Reject::SessionNotFound => StatusCode::NOT_FOUND,
+            Reject::InvalidJsonRpc(_) | Reject::McpHeaderMismatch(_) => StatusCode::BAD_REQUEST,
+            // A JSON-RPC error the client reads as the call's answer, not a transport failure.
+            Reject::ToolDenied(_) | Reject::ToolRateLimited { .. } => StatusCode::OK,
         }
     }
 
@@ -179,6 +221,10 @@ impl Reject {
             Reject::UpstreamTimeout => "upstream_timeout",
             Reject::UpgradeUnsupported => "upgrade_unsupported",
             Reject::SessionNotFound => "session_not_found",
+            Reject::InvalidJsonRpc(_) => "invalid_jsonrpc",
+            Reject::McpHeaderMismatch(_) => "mcp_header_mismatch",
+            Reject::ToolDenied(_) => "tool_denied",
+            Reject::ToolRateLimited { .. } => "tool_rate_limited",
         }
     }
 
@@ -209,6 +255,10 @@ impl Reject {
                 "WebSocket is not available: the upstream is spoken to in HTTP/2."
             }
             Reject::SessionNotFound => "No such session; start a new one.",
+            Reject::InvalidJsonRpc(_) => "The body is not one JSON-RPC 2.0 message.",
+            Reject::McpHeaderMismatch(_) => "Mcp-Method or Mcp-Name does not match the body.",
+            Reject::ToolDenied(_) => "Not permitted.",
+            Reject::ToolRateLimited { .. } => "Rate limited.",
         }
     }
 
@@ -235,6 +285,10 @@ impl Reject {
             Reject::UpstreamTimeout => "upstream_timeout",
             Reject::UpgradeUnsupported => "upgrade_unsupported",
             Reject::SessionNotFound => "session_mismatch",
+            Reject::InvalidJsonRpc(_) => "invalid_jsonrpc",
+            Reject::McpHeaderMismatch(_) => "mcp_header_mismatch",
+            Reject::ToolDenied(_) => "tool_denied",
+            Reject::ToolRateLimited { .. } => "tool_rate_limited",
         }
     }
 
@@ -261,6 +315,9 @@ impl Reject {
             Reject::UpstreamTimeout => 4,      // DEADLINE_EXCEEDED
             Reject::UpgradeUnsupported => 12,  // UNIMPLEMENTED
             Reject::SessionNotFound => 5,      // NOT_FOUND
+            Reject::InvalidJsonRpc(_) | Reject::McpHeaderMismatch(_) => 3,
+            Reject::ToolDenied(_) => 7,
+            Reject::ToolRateLimited { .. } => 8,
         }
     }
 
@@ -328,7 +385,11 @@ impl Reject {
             | Reject::UpstreamUnavailable
             | Reject::UpstreamTimeout
             | Reject::UpgradeUnsupported
-            | Reject::SessionNotFound => return None,
+            | Reject::SessionNotFound
+            | Reject::InvalidJsonRpc(_)
+            | Reject::McpHeaderMismatch(_)
+            | Reject::ToolDenied(_)
+            | Reject::ToolRateLimited { .. } => return None,
         })
     }
 
@@ -342,8 +403,38 @@ impl Reject {
         self.auth_failure().is_some_and(|(_, presented)| presented)
     }
 
+    /// The JSON-RPC error body of a refusal made inside MCP's JSON-RPC.
+    fn jsonrpc_body(&self) -> Option<String> {
+        Some(match self {
+            Reject::InvalidJsonRpc(why) => {
+                // -32700: not JSON at all; -32600: JSON, but not one acceptable request.
+                let code = if *why == "not_json" { -32700 } else { -32600 };
+                let message = format!("Invalid request: {}.", refusal_text(why));
+                jsonrpc_error(None, code, &message, None).to_string()
+            }
+            Reject::McpHeaderMismatch(body)
+            | Reject::ToolDenied(body)
+            | Reject::ToolRateLimited { body, .. } => body.to_string(),
+            _ => return None,
+        })
+    }
+
     /// The response, with `body` as its body type.
     pub fn response<B: From<Bytes>>(&self) -> Response<B> {
+        if let Some(rpc) = self.jsonrpc_body() {
+            let mut resp = Response::new(B::from(Bytes::from(rpc)));
+            *resp.status_mut() = self.status();
+            let h = resp.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            if let Reject::ToolRateLimited { retry_after, .. } = self {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+            }
+            return resp;
+        }
         let body = format!(
             "{{\"error\":\"{}\",\"message\":\"{}\"}}\n",
             self.code(),
@@ -384,6 +475,21 @@ impl Reject {
             _ => {}
         }
         resp
+    }
+}
+
+/// What an [`Reject::InvalidJsonRpc`] reason means, for the client.
+fn refusal_text(why: &str) -> &'static str {
+    match why {
+        "batch" => "batches are not accepted (MCP removed them in 2025-06-18)",
+        "duplicate_key" => "an object has the same key twice",
+        "not_json" => "the body is not JSON",
+        "not_object" => "the body is not a JSON object",
+        "version" => "\"jsonrpc\" must be \"2.0\"",
+        "method" => "\"method\" must be a string",
+        "id" => "\"id\" must be a string or an integer",
+        "params" => "\"params\" must be an object naming what it asks for",
+        _ => "the body is not one JSON-RPC 2.0 message",
     }
 }
 

@@ -14,7 +14,6 @@ pub mod diag;
 pub mod error;
 pub mod framing;
 pub mod headers;
-pub mod jsonrpc;
 pub mod mcp;
 pub mod metrics;
 pub mod netpolicy;
@@ -26,7 +25,6 @@ pub mod reload;
 #[cfg(unix)]
 pub mod sdnotify;
 pub mod server;
-pub mod sse;
 pub mod streams;
 pub mod tls;
 

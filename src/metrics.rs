@@ -47,6 +47,14 @@ pub struct KindLabels {
     pub kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct McpCallLabels {
+    /// `tools/call`, `prompts/get` or `resources/read`.
+    pub method: &'static str,
+    /// `allowed`, `denied`, `step_up` or `rate_limited`.
+    pub decision: &'static str,
+}
+
 type Histograms = Family<OutcomeLabels, Histogram, fn() -> Histogram>;
 
 /// The event metrics: cheap handles, shared with the registry.
@@ -58,6 +66,12 @@ pub struct Metrics {
     pub rate_limited: Counter,
     pub banned: Counter,
     pub upstream_errors: Family<KindLabels, Counter>,
+    /// MCP calls judged by the tool rules, by method and decision.
+    pub mcp_calls: Family<McpCallLabels, Counter>,
+    /// MCP POST bodies refused before judging, by reason.
+    pub mcp_invalid: Family<ReasonLabels, Counter>,
+    /// Entries removed from list answers, by list (`tools`, `prompts`, `resources`, …).
+    pub mcp_hidden: Family<KindLabels, Counter>,
     /// The common case's series, resolved once: outcome ok, 2xx.
     ok_2xx: Counter,
     ok_duration: Histogram,
@@ -91,6 +105,9 @@ impl Default for Metrics {
             rate_limited: Counter::default(),
             banned: Counter::default(),
             upstream_errors: Family::default(),
+            mcp_calls: Family::default(),
+            mcp_invalid: Family::default(),
+            mcp_hidden: Family::default(),
             ok_2xx,
             ok_duration,
         }
@@ -212,6 +229,21 @@ pub fn registry(metrics: &Metrics, sources: Sources) -> Registry {
         "portcullis_upstream_errors",
         "Failed exchanges with the backend, by kind (connect, timeout, reset, protocol)",
         metrics.upstream_errors.clone(),
+    );
+    r.register(
+        "portcullis_mcp_calls",
+        "MCP tools/call, prompts/get and resources/read judged by the tool rules, by decision",
+        metrics.mcp_calls.clone(),
+    );
+    r.register(
+        "portcullis_mcp_invalid_requests",
+        "MCP POST bodies refused before judging (batch, duplicate_key, header_mismatch, …)",
+        metrics.mcp_invalid.clone(),
+    );
+    r.register(
+        "portcullis_mcp_list_entries_hidden",
+        "Entries removed from tools/list, prompts/list and resources/list answers",
+        metrics.mcp_hidden.clone(),
     );
     r.register_collector(Box::new(State(sources)));
     r

@@ -43,6 +43,8 @@ impl Quota {
 pub enum Subject {
     Credential(CredId),
     Address(ClientKey),
+    /// One identity's use of one MCP tool (`[[mcp.tool_limits]]`): `"owner tool index"`.
+    Tool(Arc<str>),
 }
 
 impl Subject {
@@ -65,6 +67,7 @@ impl Subject {
             Subject::Credential(CredId::Token(t)) => format!("t:{t}"),
             Subject::Credential(CredId::Anonymous) => "anon".into(),
             Subject::Address(client) => client.redis_id(),
+            Subject::Tool(t) => format!("m:{t}"),
         }
     }
 }

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use toml::Spanned;
 
-use crate::authz::Rule;
+use crate::authz::{McpKind, McpRules, Rule};
 use crate::diag::{parse_toml, Diagnostic, Source};
 
 /// Shortest plaintext key accepted: anything shorter is guessable.
@@ -38,6 +38,9 @@ struct RawKey {
     description: Option<String>,
     requests_per_second: Option<Spanned<i64>>,
     burst: Option<Spanned<i64>>,
+    tools: Option<Spanned<Vec<String>>>,
+    prompts: Option<Spanned<Vec<String>>>,
+    resources: Option<Spanned<Vec<String>>>,
 }
 
 /// One entry of the keys file.
@@ -57,6 +60,8 @@ pub struct ApiKey {
     /// Overrides of `[rate_limit]` for this key.
     pub requests_per_second: Option<u32>,
     pub burst: Option<u32>,
+    /// The MCP tools, prompts and resources it may use (`[mcp] tool_policy`).
+    pub mcp: McpRules,
     /// How much the key is used; carried over reloads while the key stays in the file.
     pub stats: Arc<KeyStats>,
 }
@@ -275,6 +280,26 @@ impl KeySet {
             };
             let requests_per_second = limit(&raw.requests_per_second, "requests_per_second");
             let burst = limit(&raw.burst, "burst");
+            let mut mcp = McpRules::ALL;
+            for (kind, field) in [
+                (McpKind::Tool, &raw.tools),
+                (McpKind::Prompt, &raw.prompts),
+                (McpKind::Resource, &raw.resources),
+            ] {
+                let Some(list) = field else { continue };
+                let entries: Vec<&str> = list.get_ref().iter().map(String::as_str).collect();
+                match McpRules::parse_field(kind, &entries) {
+                    Ok(rules) => match kind {
+                        McpKind::Tool => mcp.tools = rules.tools,
+                        McpKind::Prompt => mcp.prompts = rules.prompts,
+                        McpKind::Resource => mcp.resources = rules.resources,
+                    },
+                    Err(e) => err(
+                        list.span().start,
+                        format!("{} of \"{name}\": {e}", kind.field()),
+                    ),
+                }
+            }
             let line_of = |offset: usize| src.at(offset, "").line;
             if let Some(first) = seen.get(&digest) {
                 err(at, format!("key \"{name}\" is the same key as the entry on line {}; each key may appear once", line_of(*first)));
@@ -294,6 +319,7 @@ impl KeySet {
                     description: raw.description,
                     requests_per_second,
                     burst,
+                    mcp,
                     stats: Arc::default(),
                 }),
             );

@@ -7,6 +7,7 @@
 mod oauth;
 mod policy;
 mod raw;
+mod tools;
 mod validate;
 
 use std::net::SocketAddr;

@@ -144,7 +144,9 @@ impl Validator<'_> {
                 self.err(name, "resource_name must be one line of text");
             }
         }
+        let policy = self.tool_policy(&r);
         Some(McpConfig {
+            policy,
             path,
             resource,
             resource_name: r.resource_name.map(|n| n.into_inner()),

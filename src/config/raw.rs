@@ -48,6 +48,31 @@ pub(super) struct RawMcp {
     pub(super) authorization_servers: Option<Vec<Spanned<String>>>,
     pub(super) scopes_supported: Option<Vec<Spanned<String>>>,
     pub(super) allowed_origins: Option<Vec<Spanned<String>>>,
+    pub(super) tool_policy: Option<Spanned<bool>>,
+    pub(super) max_inspect_bytes: S<String>,
+    pub(super) audit_arguments: Option<bool>,
+    pub(super) grants: Option<Vec<Spanned<RawGrant>>>,
+    pub(super) tool_limits: Option<Vec<Spanned<RawToolLimit>>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawGrant {
+    pub(super) users: Option<Vec<Spanned<String>>>,
+    pub(super) subjects: Option<Vec<Spanned<String>>>,
+    pub(super) scopes: Option<Vec<Spanned<String>>>,
+    pub(super) tools: Option<Spanned<Vec<String>>>,
+    pub(super) prompts: Option<Spanned<Vec<String>>>,
+    pub(super) resources: Option<Spanned<Vec<String>>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawToolLimit {
+    pub(super) tools: Option<Spanned<Vec<String>>>,
+    pub(super) requests_per_second: S<i64>,
+    pub(super) burst: S<i64>,
+    pub(super) concurrency: S<i64>,
 }
 
 #[derive(Deserialize, Default)]

@@ -131,6 +131,12 @@ impl Validator<'_> {
                 m.authorization_servers.push(jwt.issuer.clone());
             }
         }
+        if let (Some(policy), Some(a)) = (mcp.as_ref().and_then(|m| m.policy.as_ref()), &auth) {
+            let others = a.htpasswd_file.is_some() || a.jwt.is_some() || a.client_cert_identity;
+            if policy.grants.is_empty() && others {
+                self.warnings.push("[mcp] tool_policy is on and no [[mcp.grants]] is set: htpasswd users, client certificates and tokens may use no tool, prompt or resource (API keys follow their tools/prompts/resources in the keys file)".into());
+            }
+        }
         let ban = self.ban(raw.ban.unwrap_or_default());
         let rate_limit = self.rate_limit(raw.rate_limit.unwrap_or_default());
         let headers = self.headers(raw.headers.unwrap_or_default());

@@ -63,6 +63,11 @@ pub struct Exchange {
     pub(super) rate: Option<crate::ratelimit::Decision>,
     /// A request on the MCP path: its answers get the MCP profile and CORS headers.
     pub(super) mcp: Option<crate::mcp::McpRequest>,
+    /// Under MCP tool rules: the call's audit record (logged when the exchange ends), the
+    /// filter its answer's lists go through, and its place in a concurrency limit.
+    pub(super) mcp_call: Option<crate::mcp::inspect::CallRecord>,
+    pub(super) mcp_list: Option<crate::mcp::filter::ListFilter>,
+    pub(super) mcp_in_flight: Option<crate::mcp::policy::InFlight>,
 }
 
 impl Exchange {
@@ -115,6 +120,9 @@ impl Exchange {
             client,
             rate: None,
             mcp: None,
+            mcp_call: None,
+            mcp_list: None,
+            mcp_in_flight: None,
         }
     }
 }
@@ -126,6 +134,9 @@ impl Drop for Exchange {
             let elapsed = self.start.elapsed();
             self.record.set_duration(elapsed);
             self.access.log(&self.record);
+            if let Some(call) = &self.mcp_call {
+                call.log(&self.record);
+            }
             self.metrics.request(
                 self.record.outcome,
                 self.record.status,
@@ -136,9 +147,12 @@ impl Drop for Exchange {
     }
 }
 
+/// The backend's answer body: as it comes, or with its MCP lists filtered.
+pub type BackendBody = Either<Incoming, crate::mcp::filter::Filtered<Incoming>>;
+
 /// A response body that counts what it sends and writes the access log line when done.
 pub struct LoggedBody {
-    pub(super) inner: Either<Incoming, Full<Bytes>>,
+    pub(super) inner: Either<BackendBody, Full<Bytes>>,
     pub(super) ex: Option<Exchange>,
     /// For a registered stream: the revocation, idle and lifetime limits. For any other
     /// backend body, an idle limit set up the first time it makes the client wait.

@@ -101,7 +101,7 @@ impl Proxy {
                 config.auth.jwt.is_some(),
                 config.auth.htpasswd_file.is_some(),
             );
-            Mcp::new(m, oauth, basic, &config.auth.realm)
+            Mcp::new(m, oauth, basic, &config.auth.realm, &rate)
         });
         let mut trailer_strip = headers::spoofable(&config.auth.identity_header);
         trailer_strip.extend(config.auth.api_key_headers.iter().cloned());
@@ -160,9 +160,20 @@ impl Proxy {
             }
             Ok(resp)
         }) {
-            Ok(resp) => {
+            Ok(mut resp) => {
                 ex.record.outcome = "ok";
-                resp.map(Either::Left)
+                // Under MCP tool rules, lists in the answer are cut to the caller's.
+                let filter = ex
+                    .mcp_list
+                    .take()
+                    .filter(|f| f.prepare(resp.status(), resp.headers_mut()));
+                match filter {
+                    Some(f) => {
+                        let sse = is_event_stream(resp.headers());
+                        resp.map(|b| Either::Left(Either::Right(f.wrap(b, sse))))
+                    }
+                    None => resp.map(|b| Either::Left(Either::Left(b))),
+                }
             }
             Err(reject) => {
                 // A stream refused as it starts drops the backend's answer (and upgrade).
@@ -215,6 +226,14 @@ impl Proxy {
             watch: guard.map(|g| Watch::new(g, limits)),
             idle_limit: self.limits.idle,
         }))
+    }
+
+    /// Drop full rate-limit buckets (the clients' and the MCP tools').
+    pub fn housekeep(&self) {
+        self.rate.housekeep();
+        if let Some(policy) = self.mcp.as_ref().and_then(|m| m.policy.as_ref()) {
+            policy.housekeep();
+        }
     }
 
     /// The limits a stream lives under: the configured ones, and for a token the moment it
@@ -386,14 +405,20 @@ impl Proxy {
             mcp.check_session(&parts.headers, m, identity.owner())?;
         }
         self.rate_limit(identity, ex).await?;
+        let judged = self
+            .judge_mcp(&parts, body, admitted.upgrade.is_some(), identity, ex)
+            .await?;
         let how = admitted.upgrade.as_ref().map(|(how, _)| *how);
         self.rewrite(&mut parts, &admitted.path, &verified, how, conn, ex)?;
         ex.verified = Some(verified);
-        let body = ClientBody::new(
-            body,
-            self.config.server.max_body_bytes,
-            self.trailer_strip.clone(),
-        );
+        let body = match judged {
+            Ok(bytes) => ClientBody::whole(bytes),
+            Err(body) => ClientBody::new(
+                body,
+                self.config.server.max_body_bytes,
+                self.trailer_strip.clone(),
+            ),
+        };
         ex.unread_body = false;
         let resp = self
             .upstream
@@ -405,6 +430,56 @@ impl Proxy {
             .await?;
         self.accept_upgrade(resp, admitted.upgrade, ex)
             .map(Answer::Backend)
+    }
+
+    /// Under MCP tool rules (`[mcp] tool_policy`), on the MCP path: a POST's body is read
+    /// (up to `max_inspect_bytes`) and judged, and `Ok(bytes)` is what will be forwarded; the
+    /// answer to a GET (a server stream, maybe a resumed one) has its lists filtered. Any
+    /// other request keeps its body streaming: `Err(body)`.
+    async fn judge_mcp(
+        &self,
+        parts: &Parts,
+        body: Incoming,
+        upgrade: bool,
+        identity: &Identity,
+        ex: &mut Exchange,
+    ) -> Result<Result<Bytes, Incoming>, Reject> {
+        let Some(policy) = self
+            .mcp
+            .as_ref()
+            .filter(|_| ex.mcp.is_some())
+            .and_then(|m| m.policy.as_ref())
+        else {
+            return Ok(Err(body));
+        };
+        use crate::mcp::inspect;
+        if upgrade {
+            // A WebSocket's frames are never judged: refused rather than let through unjudged.
+            return Err(Reject::Forbidden);
+        }
+        if parts.method == Method::GET {
+            ex.mcp_list = Some(inspect::list_filter(policy, identity, &self.metrics));
+            return Ok(Err(body));
+        }
+        if parts.method != Method::POST {
+            return Ok(Err(body));
+        }
+        let limit = (policy.config.max_inspect_bytes as u64).min(self.config.server.max_body_bytes);
+        let bytes =
+            inspect::read_body(body, limit as usize, self.config.upstream.response_timeout).await?;
+        ex.unread_body = false;
+        let judged = inspect::judge(
+            policy,
+            identity,
+            &parts.headers,
+            bytes,
+            &self.metrics,
+            &mut ex.mcp_call,
+        )
+        .await?;
+        ex.mcp_list = judged.list;
+        ex.mcp_in_flight = judged.in_flight;
+        Ok(Ok(judged.body))
     }
 
     /// What is refused before anyone is asked who the client is: CONNECT other than
@@ -625,17 +700,20 @@ fn head_size<B>(req: &Request<B>) -> usize {
     line + fields + 2
 }
 
-/// Whether a response is a stream to register: SSE, or any body of unknown length.
-fn stream_kind(resp: &Response<Incoming>) -> Option<StreamKind> {
-    let sse = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
+/// Whether an answer is a `text/event-stream`.
+fn is_event_stream(h: &http::HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| {
             v.trim_start()
                 .get(..17)
                 .is_some_and(|t| t.eq_ignore_ascii_case("text/event-stream"))
-        });
+        })
+}
+
+/// Whether a response is a stream to register: SSE, or any body of unknown length.
+fn stream_kind(resp: &Response<Incoming>) -> Option<StreamKind> {
+    let sse = is_event_stream(resp.headers());
     let body = resp.body();
     if sse {
         Some(StreamKind::Sse)

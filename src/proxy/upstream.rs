@@ -110,16 +110,31 @@ impl Upstream {
 /// Its trailers (HTTP/2, chunked HTTP/1.1) lose what request headers lose: a trailer is a
 /// header that arrives late, and a backend may merge it with the others.
 pub struct ClientBody {
-    body: Limited<Incoming>,
+    body: Source,
     /// Names no trailer may carry toward the backend.
     trailer_strip: Arc<[HeaderName]>,
+}
+
+enum Source {
+    /// Streamed from the client as it arrives.
+    Stream(Limited<Incoming>),
+    /// Read whole and judged before it is sent (MCP tool rules): exactly these bytes go.
+    Whole(Option<Bytes>),
 }
 
 impl ClientBody {
     pub fn new(body: Incoming, limit: u64, trailer_strip: Arc<[HeaderName]>) -> ClientBody {
         ClientBody {
-            body: Limited::new(body, limit as usize),
+            body: Source::Stream(Limited::new(body, limit as usize)),
             trailer_strip,
+        }
+    }
+
+    /// A body already read and judged: sent as it is.
+    pub fn whole(bytes: Bytes) -> ClientBody {
+        ClientBody {
+            body: Source::Whole((!bytes.is_empty()).then_some(bytes)),
+            trailer_strip: Arc::new([]),
         }
     }
 }
@@ -149,7 +164,11 @@ impl Body for ClientBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.body).poll_frame(cx).map_err(|e| {
+        let body = match &mut this.body {
+            Source::Whole(whole) => return Poll::Ready(whole.take().map(|b| Ok(Frame::data(b)))),
+            Source::Stream(body) => body,
+        };
+        let polled = Pin::new(body).poll_frame(cx).map_err(|e| {
             if e.is::<LengthLimitError>() {
                 e
             } else {
@@ -168,11 +187,17 @@ impl Body for ClientBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match &self.body {
+            Source::Whole(w) => w.is_none(),
+            Source::Stream(body) => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match &self.body {
+            Source::Whole(w) => SizeHint::with_exact(w.as_ref().map_or(0, |b| b.len() as u64)),
+            Source::Stream(body) => body.size_hint(),
+        }
     }
 }
 

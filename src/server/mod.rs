@@ -199,7 +199,7 @@ impl Server {
 
         server
             .tracker
-            .spawn(housekeeping(reloader, rate, bans, server.shutdown.clone()));
+            .spawn(housekeeping(reloader, proxy, bans, server.shutdown.clone()));
 
         for warning in &config.warnings {
             tracing::warn!("{warning}");
@@ -326,7 +326,7 @@ fn builders(config: &Config) -> Builders {
 /// stale failure counters and full rate-limit buckets.
 async fn housekeeping(
     reloader: Arc<Reloader>,
-    rate: Arc<RateLimits>,
+    proxy: Arc<Proxy>,
     bans: Arc<Bans>,
     stop: CancellationToken,
 ) {
@@ -341,7 +341,7 @@ async fn housekeeping(
         reloader.revoke_expired(since, now);
         since = now;
         if n % 10 == 9 {
-            rate.housekeep();
+            proxy.housekeep();
             let ended = bans.housekeep(std::time::Instant::now());
             if ended > 0 {
                 tracing::info!(event = "ban_end", count = ended, "bans expired");

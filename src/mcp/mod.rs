@@ -20,16 +20,20 @@
 //! restart, or by a request through another replica) passes to the backend, which knows its
 //! own sessions.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
-
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
-use sha2::{Digest, Sha256};
 
 use crate::error::Reject;
+
+pub mod filter;
+pub mod inspect;
+pub mod jsonrpc;
+pub mod policy;
+mod sessions;
+pub mod sse;
+
+pub use sessions::Sessions;
 
 /// `[mcp]`, validated.
 #[derive(Debug, Clone)]
@@ -44,78 +48,16 @@ pub struct McpConfig {
     pub scopes_supported: Vec<String>,
     /// Origins allowed besides the resource's own, as `scheme://host[:port]`, lower case.
     pub allowed_origins: Vec<String>,
-}
-
-/// Sessions remembered at most; when full, those idle longest go first.
-const SESSIONS: usize = 100_000;
-
-/// A session not used for this long is forgotten when room is needed.
-const SESSION_IDLE: Duration = Duration::from_secs(24 * 3600);
-
-/// Which identity each `Mcp-Session-Id` was issued to, by the SHA-256 of the id (a session id
-/// is a bearer secret of the backend's: never kept or logged as it is).
-#[derive(Default)]
-pub struct Sessions {
-    owners: Mutex<HashMap<[u8; 32], (String, Instant)>>,
-}
-
-impl Sessions {
-    fn key(id: &HeaderValue) -> [u8; 32] {
-        Sha256::digest(id.as_bytes()).into()
-    }
-
-    /// Whether `owner` may use session `id`: yes when it was issued to `owner` or is unknown
-    /// here. A use refreshes it.
-    pub fn allows(&self, id: &HeaderValue, owner: &str) -> bool {
-        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
-        match owners.get_mut(&Sessions::key(id)) {
-            Some((o, seen)) if o == owner => {
-                *seen = Instant::now();
-                true
-            }
-            Some(_) => false,
-            None => true,
-        }
-    }
-
-    /// The backend issued session `id` in an answer to `owner`. A session already bound
-    /// stays with its first owner.
-    pub fn issued(&self, id: &HeaderValue, owner: &str) {
-        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
-        if owners.len() >= SESSIONS {
-            let now = Instant::now();
-            owners.retain(|_, (_, seen)| now.duration_since(*seen) < SESSION_IDLE);
-            if owners.len() >= SESSIONS {
-                let mut seen: Vec<Instant> = owners.values().map(|(_, s)| *s).collect();
-                seen.sort_unstable();
-                let cut = seen[seen.len() / 2];
-                owners.retain(|_, (_, s)| *s > cut);
-            }
-        }
-        owners
-            .entry(Sessions::key(id))
-            .or_insert_with(|| (owner.to_string(), Instant::now()));
-    }
-
-    /// Session `id` was ended (a DELETE the backend accepted).
-    pub fn ended(&self, id: &HeaderValue) {
-        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
-        owners.remove(&Sessions::key(id));
-    }
-
-    pub fn len(&self) -> usize {
-        self.owners.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
+    /// `tool_policy = true`: JSON-RPC bodies read and judged by the tool rules.
+    pub policy: Option<policy::PolicyConfig>,
 }
 
 /// The MCP endpoint's behaviour, built once from the config.
 pub struct Mcp {
     /// Which identity each session was issued to.
     pub sessions: Sessions,
+    /// The tool rules, with `tool_policy = true`.
+    pub policy: Option<policy::Policy>,
     path: String,
     /// OAuth is on (`[auth.jwt]`): metadata is served and challenges point at it.
     oauth: bool,
@@ -185,8 +127,15 @@ fn quoted(v: &str) -> String {
 
 impl Mcp {
     /// `oauth`: `[auth.jwt]` is on. `basic`: htpasswd is on (its challenge follows the
-    /// Bearer one). `realm`: `[auth] realm`.
-    pub fn new(config: &McpConfig, oauth: bool, basic: bool, realm: &str) -> Mcp {
+    /// Bearer one). `realm`: `[auth] realm`. `rate`: the `[rate_limit]` limiter, whose Redis
+    /// (if any) keeps the tool limits too.
+    pub fn new(
+        config: &McpConfig,
+        oauth: bool,
+        basic: bool,
+        realm: &str,
+        rate: &crate::ratelimit::RateLimits,
+    ) -> Mcp {
         let resource = config.resource.as_ref();
         let resource_path = resource.map(|r| r.path().trim_end_matches('/').to_string());
         let metadata_url = resource.and_then(|r| {
@@ -251,6 +200,7 @@ impl Mcp {
             allowed_origins: config.allowed_origins.clone(),
             own_origin: resource.and_then(origin_of),
             sessions: Sessions::default(),
+            policy: config.policy.clone().map(|p| policy::Policy::new(p, rate)),
         }
     }
 
@@ -515,8 +465,15 @@ mod tests {
             authorization_servers: vec!["https://idp.example.com/realms/acme".into()],
             scopes_supported: vec!["mcp:tools".into()],
             allowed_origins: vec!["https://claude.ai".into()],
+            policy: None,
         };
-        Mcp::new(&config, oauth, basic, "portcullis")
+        Mcp::new(
+            &config,
+            oauth,
+            basic,
+            "portcullis",
+            &crate::ratelimit::RateLimits::Off,
+        )
     }
 
     #[test]
@@ -583,20 +540,6 @@ mod tests {
             ),
             "{v}"
         );
-    }
-
-    #[test]
-    fn a_session_belongs_to_the_identity_it_was_issued_to() {
-        let s = Sessions::default();
-        let id = HeaderValue::from_static("4f6c1a7e");
-        assert!(s.allows(&id, "key:a"), "unknown here: the backend decides");
-        s.issued(&id, "key:a");
-        s.issued(&id, "key:b");
-        assert!(s.allows(&id, "key:a"));
-        assert!(!s.allows(&id, "key:b"), "the first owner keeps it");
-        s.ended(&id);
-        assert!(s.allows(&id, "key:b"));
-        assert!(s.is_empty());
     }
 
     #[test]

@@ -13,6 +13,8 @@
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
+use crate::authz::McpKind;
+
 /// Why a body is not a message this proxy will judge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
@@ -32,6 +34,22 @@ pub enum Refusal {
     Id,
     /// `params` other than an object or an array.
     Params,
+}
+
+impl Refusal {
+    /// The `reason` of logs and of `portcullis_mcp_invalid_requests_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::NotJson => "not_json",
+            Refusal::Batch => "batch",
+            Refusal::NotObject => "not_object",
+            Refusal::DuplicateKey(_) => "duplicate_key",
+            Refusal::Version => "version",
+            Refusal::Method => "method",
+            Refusal::Id => "id",
+            Refusal::Params => "params",
+        }
+    }
 }
 
 /// One message: a request (with `id`), a notification (without), or a response to a
@@ -61,14 +79,33 @@ impl Message {
     }
 
     /// What a request names: the tool of `tools/call`, the prompt of `prompts/get`, the URI
-    /// of `resources/read`. `Err` when such a request does not name it with a string.
-    pub fn target(&self) -> Result<Option<&str>, Refusal> {
-        let Message::Request { method, params, .. } = self else {
+    /// of `resources/read`, with the rules that judge it. `Err` when such a request does not
+    /// name it with a string.
+    pub fn target(&self) -> Result<Option<(McpKind, &str)>, Refusal> {
+        let Message::Request { method, .. } = self else {
+            return Ok(None);
+        };
+        let kind = match method.as_str() {
+            "tools/call" => McpKind::Tool,
+            "prompts/get" => McpKind::Prompt,
+            "resources/read" => McpKind::Resource,
+            _ => return Ok(None),
+        };
+        Ok(self.named()?.map(|n| (kind, n)))
+    }
+
+    /// What `Mcp-Name` mirrors (MCP 2026-07-28): `params.name` of `tools/call` and
+    /// `prompts/get`, `params.uri` of `resources/read`, `resources/subscribe` and
+    /// `resources/unsubscribe`. `Err` when such a message does not carry it as a string.
+    pub fn named(&self) -> Result<Option<&str>, Refusal> {
+        let (Message::Request { method, params, .. } | Message::Notification { method, params }) =
+            self
+        else {
             return Ok(None);
         };
         let field = match method.as_str() {
             "tools/call" | "prompts/get" => "name",
-            "resources/read" => "uri",
+            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => "uri",
             _ => return Ok(None),
         };
         params
@@ -86,6 +123,8 @@ pub enum ListKind {
     Tools,
     Prompts,
     Resources,
+    /// `resources/templates/list`, judged by the resource rules against `uriTemplate`.
+    Templates,
 }
 
 impl ListKind {
@@ -95,16 +134,27 @@ impl ListKind {
             "tools/list" => Some(ListKind::Tools),
             "prompts/list" => Some(ListKind::Prompts),
             "resources/list" => Some(ListKind::Resources),
+            "resources/templates/list" => Some(ListKind::Templates),
             _ => None,
         }
     }
 
     /// The result's array, and what names an entry of it.
-    fn fields(self) -> (&'static str, &'static str) {
+    pub fn fields(self) -> (&'static str, &'static str) {
         match self {
             ListKind::Tools => ("tools", "name"),
             ListKind::Prompts => ("prompts", "name"),
             ListKind::Resources => ("resources", "uri"),
+            ListKind::Templates => ("resourceTemplates", "uriTemplate"),
+        }
+    }
+
+    /// The rules that decide which entries a caller sees.
+    pub fn kind(self) -> McpKind {
+        match self {
+            ListKind::Tools => McpKind::Tool,
+            ListKind::Prompts => McpKind::Prompt,
+            ListKind::Resources | ListKind::Templates => McpKind::Resource,
         }
     }
 }
@@ -274,12 +324,12 @@ mod tests {
     fn a_tools_call_names_its_tool() {
         let m = parse(br#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"search","arguments":{"q":"x"}}}"#).unwrap();
         assert_eq!(m.method(), Some("tools/call"));
-        assert_eq!(m.target(), Ok(Some("search")));
+        assert_eq!(m.target(), Ok(Some((McpKind::Tool, "search"))));
         let m = parse(
             br#"{"jsonrpc":"2.0","id":"a","method":"resources/read","params":{"uri":"file:///x"}}"#,
         )
         .unwrap();
-        assert_eq!(m.target(), Ok(Some("file:///x")));
+        assert_eq!(m.target(), Ok(Some((McpKind::Resource, "file:///x"))));
         let m = parse(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":3}}"#)
             .unwrap();
         assert_eq!(
