@@ -128,7 +128,7 @@ impl CallRecord {
             method = self.method,
             tool = %self.name.escape_debug(),
             decision = self.decision,
-            rule = %self.rule.escape_debug(),
+            rule = %self.rule,
             jsonrpc_id = %self.id.escape_debug(),
             outcome = record.outcome,
             status = record.status,

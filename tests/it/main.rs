@@ -11,6 +11,7 @@ mod htpasswd;
 mod layout;
 mod limits;
 mod mcp;
+mod mcp_tools;
 mod oauth;
 mod ops;
 mod paths;

@@ -6,6 +6,9 @@
 //                                    with PKCE and the resource indicator), then list tools
 //                                    and call `add`
 //   node mcp_client.mjs key URL KEY  the same calls with a static `Authorization: Bearer KEY`
+//   node mcp_client.mjs calls URL KEY TOOL...
+//                                    with the key, list the tools, then call each TOOL in turn:
+//                                    each call's result, or the JSON-RPC error it got
 //
 // The browser step is played by following the authorization endpoint's redirect (the test IdP
 // approves at once). Prints one JSON line: the tools listed and the result of add(2, 3), or
@@ -74,8 +77,35 @@ async function calls(transport) {
   };
 }
 
+async function script(transport, tools) {
+  const client = new Client({ name: "portcullis-test", version: "1.0.0" });
+  await client.connect(transport);
+  const listed = await client.listTools();
+  const calls = [];
+  for (const tool of tools) {
+    try {
+      const args = tool === "add" ? { a: 2, b: 3 } : tool === "search_docs" ? { query: "q" } : {};
+      const result = await client.callTool({ name: tool, arguments: args });
+      calls.push({
+        tool,
+        result: result.content.filter((c) => c.type === "text").map((c) => c.text),
+        is_error: Boolean(result.isError),
+      });
+    } catch (e) {
+      calls.push({ tool, error: { code: e?.code, message: e?.message } });
+    }
+  }
+  await client.close();
+  return { tools: listed.tools.map((t) => t.name).sort(), calls };
+}
+
 try {
-  if (mode === "oauth") {
+  if (mode === "calls") {
+    const transport = new StreamableHTTPClientTransport(new URL(url), {
+      requestInit: { headers: { Authorization: `Bearer ${key}` } },
+    });
+    Object.assign(out, await script(transport, process.argv.slice(5)));
+  } else if (mode === "oauth") {
     const provider = new MemoryProvider();
     const first = new StreamableHTTPClientTransport(new URL(url), { authProvider: provider });
     try {

@@ -5,6 +5,13 @@
                                   registration -> authorization code with PKCE and the resource
                                   indicator -> token; then list tools and call `add`.
     mcp_client.py key URL KEY     the same calls with a static `Authorization: Bearer KEY`.
+    mcp_client.py calls URL AUTH TOOL...
+                                  with `Authorization: AUTH` (a Bearer key or Basic), list the
+                                  tools, prompts and resources, then call each TOOL in turn in
+                                  one session: each call's result, or the JSON-RPC error it got.
+    mcp_client.py oauth-calls URL TOOL...
+                                  sign in as `oauth` does, then as `calls` (a refused scope is
+                                  the SDK's step-up: it signs in again asking for more).
 
 The browser step of the sign-in is played by following the authorization endpoint's redirect
 (the test IdP approves at once). Prints one JSON line: the tools listed and the result of
@@ -71,6 +78,34 @@ async def session_calls(http_client, url):
             return {"tools": sorted(t.name for t in tools.tools), "result": text, "is_error": bool(getattr(result, "is_error", False))}
 
 
+ARGUMENTS = {"add": {"a": 2, "b": 3}, "echo": {"text": "secret-argument-4242"}, "search_docs": {"query": "q"}}
+
+
+async def script(http_client, url, tools):
+    """List everything, then call each tool; a refused call is reported, and the next one is
+    made in the same session (a refusal must not break it)."""
+    from mcp.shared.exceptions import MCPError
+
+    async with streamable_http_client(url, http_client=http_client) as streams:
+        read, write = streams[0], streams[1]
+        async with ClientSession(read, write) as session:
+            await session.initialize()
+            out = {
+                "tools": sorted(t.name for t in (await session.list_tools()).tools),
+                "prompts": sorted(p.name for p in (await session.list_prompts()).prompts),
+                "resources": sorted(str(r.uri) for r in (await session.list_resources()).resources),
+                "calls": [],
+            }
+            for tool in tools:
+                try:
+                    result = await session.call_tool(tool, ARGUMENTS.get(tool, {}))
+                    text = [c.text for c in result.content if getattr(c, "type", "") == "text"]
+                    out["calls"].append({"tool": tool, "result": text, "is_error": bool(getattr(result, "is_error", False))})
+                except MCPError as e:
+                    out["calls"].append({"tool": tool, "error": {"code": e.error.code, "message": e.error.message}})
+            return out
+
+
 def describe(e: BaseException) -> str:
     """The innermost errors of nested exception groups, which is what went wrong."""
     inner = getattr(e, "exceptions", None)
@@ -83,7 +118,10 @@ async def main():
     mode, url = sys.argv[1], sys.argv[2]
     out = {}
     try:
-        if mode == "oauth":
+        if mode == "calls":
+            async with httpx2.AsyncClient(headers={"Authorization": sys.argv[3]}, timeout=20) as c:
+                out = await script(c, url, sys.argv[4:])
+        elif mode in ("oauth", "oauth-calls"):
             browser = Browser()
             provider = OAuthClientProvider(
                 server_url=url,
@@ -99,7 +137,10 @@ async def main():
                 callback_handler=browser.callback,
             )
             async with httpx2.AsyncClient(auth=provider, timeout=20) as c:
-                out = await session_calls(c, url)
+                if mode == "oauth":
+                    out = await session_calls(c, url)
+                else:
+                    out = await script(c, url, sys.argv[3:])
             out["authorize_url"] = browser.visited
         else:
             key = sys.argv[3]

@@ -23,12 +23,14 @@ use tokio::net::{TcpListener, TcpStream};
 
 mod binary;
 mod metrics;
+pub mod peers;
 pub mod pki;
 mod streams;
 mod websocket;
 
 pub use binary::*;
 pub use metrics::*;
+pub use peers::*;
 pub use streams::*;
 pub use websocket::*;
 
