@@ -1107,3 +1107,61 @@ async fn pass_credentials_never_passes_a_token_on() {
         "a key is, with pass_credentials"
     );
 }
+
+#[tokio::test]
+async fn a_tool_a_scope_would_grant_asks_for_that_scope_and_the_python_client_steps_up() {
+    let Some(idp) = Idp::start() else { return };
+    let Some(server) = McpServer::start(false) else {
+        return;
+    };
+    let grants = "tool_policy = true\n\
+        [[mcp.grants]]\nscopes = [\"mcp:tools\"]\ntools = [\"add\", \"echo\", \"get_time\", \"search_docs\"]\n\
+        [[mcp.grants]]\nscopes = [\"mcp:admin\"]\ntools = [\"delete_all\"]\n";
+    let (_proxy, port) = running(&server.origin(), idp.issuer(), "", grants).await;
+    let url = format!("http://127.0.0.1:{port}/mcp");
+
+    // By hand: a token with mcp:tools calling delete_all gets 403 naming the scope to ask
+    // for, with those it holds, and where the metadata is.
+    let token = idp
+        .token(serde_json::json!({"aud": audience(port), "scope": "mcp:tools"}))
+        .await;
+    let r = send(
+        "POST",
+        &url,
+        &[("authorization", &bearer(&token))],
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete_all"}}"#,
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        www_authenticate(&r),
+        [format!(
+            "Bearer error=\"insufficient_scope\", scope=\"mcp:tools mcp:admin\", resource_metadata=\"http://127.0.0.1:{port}/.well-known/oauth-protected-resource/mcp\", error_description=\"The token lacks a scope this needs.\""
+        )]
+    );
+
+    // The official client: signs in with mcp:tools, sees the four tools that scope grants,
+    // is refused delete_all with 403 insufficient_scope, signs in again asking for
+    // mcp:admin too, and the call goes through.
+    let out = mcp_client(&["oauth-calls", &url, "add", "delete_all"]).await;
+    assert_eq!(
+        out["tools"],
+        serde_json::json!(["add", "echo", "get_time", "search_docs"]),
+        "{out}"
+    );
+    let calls = &out["calls"];
+    assert_eq!(calls[0]["result"], serde_json::json!(["5"]), "{out}");
+    assert_eq!(
+        calls[1]["result"],
+        serde_json::json!(["deleted"]),
+        "stepped up: {out}"
+    );
+    let asked = &idp.stats().await["scopes_asked"];
+    assert_eq!(asked.as_array().map(Vec::len), Some(2), "{asked}");
+    let second = asked[1].as_str().unwrap();
+    assert!(
+        second.contains("mcp:admin") && second.contains("mcp:tools"),
+        "the second sign-in asked for both: {asked}"
+    );
+    no_credential_reached(&server.seen());
+}

@@ -36,8 +36,11 @@ function json(res, status, body, headers = {}) {
 
 // What each authorization code was issued for (the scope asked at /authorize), for the token.
 const granted = new Map();
+// The scope of each authorization asked for, in order (/test/stats).
+const scopesAsked = [];
 server.service.on("beforeAuthorizeRedirect", (redirect, req) => {
   const code = redirect.url.searchParams.get("code");
+  scopesAsked.push(req.query.scope ?? null);
   if (code) granted.set(code, { scope: req.query.scope, resource: req.query.resource });
 });
 
@@ -133,6 +136,7 @@ const httpServer = http.createServer(async (req, res) => {
         return json(res, 200, {
           jwks_requests: jwksRequests,
           clients: clients.size,
+          scopes_asked: scopesAsked,
           signing_kid: current.kid,
           keys: server.issuer.keys.toJSON().map((k) => ({ kid: k.kid, alg: k.alg })),
         });
