@@ -60,9 +60,10 @@ fn documented_keys(doc: &str) -> BTreeSet<String> {
             section = if h == "The keys file" {
                 Some("keys".to_string())
             } else {
+                // `## [mcp]`, and `## [[mcp.grants]]` for an array of tables.
                 h.strip_prefix('[')
                     .and_then(|h| h.strip_suffix(']'))
-                    .map(str::to_string)
+                    .map(|h| h.trim_matches(['[', ']']).to_string())
             };
             continue;
         }
