@@ -18,6 +18,14 @@
 #                    `npm ci` in tests/peers first). nginx has no JWT check (nginx Plus
 #                    does): it does the apikey job with the whole token as the key. Compare
 #                    portcullis' row with its apikey row: the ratio is the token's cost
+#   mcp              an MCP tools/call (POST /mcp, a 130-byte JSON-RPC body) with the apikey job;
+#                    portcullis with [mcp] on the path and tool rules off; nginx the apikey job
+#   mcp-policy       the cost of MCP tool rules: the same call through two portcullis
+#                    processes (both on core 0, loaded one at a time, alternating in every
+#                    round), one with [mcp] tool_policy = true and the key limited to
+#                    tools = ["search_*", "get_*"] (the body read whole, parsed strictly,
+#                    judged, forwarded as judged), one with the rules off; reports both and
+#                    the ratios of req/s and of CPU per request
 #   noauth           no authentication (portcullis anonymous = true; nginx plain proxy_pass)
 #   idle10k          10,000 idle keep-alive connections held open: resident memory of each
 #                    proxy (RSS after minus before), not throughput
@@ -104,6 +112,7 @@ cleanup() {
 trap cleanup EXIT
 
 BACKEND_PORT=18180 NGINX_PORT=18181 PORTCULLIS_PORT=18182 ADMIN_PORT=18183 WS_PORT=18184
+OFF_PORT=18185 OFF_ADMIN_PORT=18186
 
 nginx_conf() { # name, server block; NGINX_MAIN: more main-context directives
   mkdir -p "$work/$1"
@@ -266,6 +275,9 @@ for scenario in "${@:-basic-bcrypt10 noauth}"; do
     auth_header=()
     rate="enabled = false"
     tls=""
+    extra=""
+    urlpath=""
+    script=""
     scheme=http
     case $s in
       basic-bcrypt10|basic-apr1)
@@ -275,8 +287,25 @@ for scenario in "${@:-basic-bcrypt10 noauth}"; do
         nginx_conf "$s-nginx" "server { listen 127.0.0.1:$NGINX_PORT; location / { auth_basic bench; auth_basic_user_file $dir/htpasswd; $PROXY_LOCATION } }"
         auth="htpasswd_file = \"$dir/htpasswd\""
         ;;
-      apikey|apikey-tls|idle10k|latency2k|websocket|instructions|reload10k)
+      apikey|apikey-tls|idle10k|latency2k|websocket|instructions|reload10k|mcp|mcp-policy)
         printf '[[keys]]\nname = "bench"\napi_key = "%s"\n' "$KEY" > "$dir/keys.toml"
+        if [ "$s" = mcp ] || [ "$s" = mcp-policy ]; then
+          urlpath=mcp
+          script="$dir/call.lua"
+          cat > "$script" <<'LUA'
+wrk.method = "POST"
+wrk.body = '{"jsonrpc":"2.0","id":42,"method":"tools/call","params":{"name":"search_docs","arguments":{"query":"quarterly report","limit":10}}}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Accept"] = "application/json, text/event-stream"
+LUA
+          extra="[mcp]
+path = \"/mcp\""
+          if [ "$s" = mcp-policy ]; then
+            extra="$extra
+tool_policy = true"
+            printf 'tools = ["search_*", "get_*"]\n' >> "$dir/keys.toml"
+          fi
+        fi
         if [ "$s" = reload10k ]; then
           # Two versions of a 10,000-key file, each with the bench key: swapping them changes
           # the content, so every swap is a full reload.
@@ -361,6 +390,7 @@ $rate
 [log]
 level = "warn"
 access_log = "off"
+$extra
 EOF
     under=()
     if [ "$s" = instructions ]; then
@@ -399,6 +429,35 @@ EOF
         "$s" "$s_max" "$s_reloads" "$s_p99" "$s_n" "$q_max" "$q_p99" "${taken:-?}"
       printf '| %s | | | | | | worst request during %s reloads of 10,000 keys: %s µs (p99 %s); without reloads: %s µs (p99 %s) | | |\n' \
         "$s" "$s_reloads" "$s_max" "$s_p99" "$q_max" "$q_p99" >> "$report"
+      stop_all_but_backend
+      continue
+    fi
+    if [ "$s" = mcp-policy ]; then
+      # The same proxy with the rules off, on ports of its own, loaded in turn with the other.
+      sed -e "s/^listen = .*/listen = \"127.0.0.1:$OFF_PORT\"/" \
+          -e "s/^admin_listen = .*/admin_listen = \"127.0.0.1:$OFF_ADMIN_PORT\"/" \
+          -e "/^tool_policy = true/d" "$dir/proxy.toml" > "$dir/proxy-off.toml"
+      start 0 "$PORTCULLIS" --config "$dir/proxy.toml"; on_pid=${pids[-1]}
+      start 0 "$PORTCULLIS" --config "$dir/proxy-off.toml"; off_pid=${pids[-1]}
+      wait_port $PORTCULLIS_PORT; wait_port $OFF_PORT
+      run() { PACE="$script" rps "$1/$urlpath" "${auth_header[@]}"; }
+      DURATION=1s run "http://127.0.0.1:$PORTCULLIS_PORT" >/dev/null
+      DURATION=1s run "http://127.0.0.1:$OFF_PORT" >/dev/null
+      : > "$dir/off"; : > "$dir/on"
+      for _ in $(seq "$ROUNDS"); do
+        idle_gate; with_cpu "$off_pid" run "http://127.0.0.1:$OFF_PORT" >> "$dir/off"
+        idle_gate; with_cpu "$on_pid" run "http://127.0.0.1:$PORTCULLIS_PORT" >> "$dir/on"
+      done
+      col() { awk -v c="$2" '{print $c}' "$1" | median; }
+      # Per-round ratios (on / off), then their median: each pair ran back to back.
+      ratio_of() { paste -d' ' "$dir/off" "$dir/on" | awk -v c="$1" -v n="$2" '{print $(c+n) / $c}' | median; }
+      f=$(col "$dir/off" 1); o=$(col "$dir/on" 1)
+      fcpu=$(printf '%.1f' "$(col "$dir/off" 4)"); ocpu=$(printf '%.1f' "$(col "$dir/on" 4)")
+      rr=$(ratio_of 1 4); cr=$(ratio_of 4 4)
+      printf '%-14s rules off %.0f req/s (%s/%s µs p50/p99, %s CPU µs/req); rules on %.0f req/s (%s/%s µs, %s CPU µs/req); on/off: req/s %.2fx, CPU per request %.2fx (medians of per-round ratios)\n' \
+        "$s" "$f" "$(col "$dir/off" 2)" "$(col "$dir/off" 3)" "$fcpu" "$o" "$(col "$dir/on" 2)" "$(col "$dir/on" 3)" "$ocpu" "$rr" "$cr"
+      printf '| %s | | rules off: %.0f | rules on: %.0f | on/off %.2f× req/s, %.2f× CPU per request | %s / %s | %s / %s | %s | %s |\n' \
+        "$s" "$f" "$o" "$rr" "$cr" "$(col "$dir/off" 2)" "$(col "$dir/off" 3)" "$(col "$dir/on" 2)" "$(col "$dir/on" 3)" "$fcpu" "$ocpu" >> "$report"
       stop_all_but_backend
       continue
     fi
@@ -453,7 +512,7 @@ EOF
         echo 'function delay() return 10 end' > "$dir/pace.lua"
         run() { PACE="$dir/pace.lua" RUN_CONNS=20 rps "$1/" "${auth_header[@]}"; } ;;
       *)
-        run() { rps "$1/" "${auth_header[@]}"; } ;;
+        run() { PACE="$script" rps "$1/$urlpath" "${auth_header[@]}"; } ;;
     esac
     # Warm-up: connections, pools, and (for Basic) portcullis' verification cache: 32
     # concurrent first requests with the same credentials, every one of which must be a 200.

@@ -291,5 +291,61 @@ fn jwt(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench, rate_limit, reload, jwt);
+/// MCP tool rules: judging one `tools/call` body (strict parse, `Mcp-*` headers, the key's
+/// rules), and filtering a list answer of 500 tools to the half a key may use, in JSON and as
+/// one SSE event.
+fn mcp(c: &mut Criterion) {
+    use portcullis::authz::{McpKind, McpRules};
+    use portcullis::mcp::inspect::headers_agree;
+    use portcullis::mcp::jsonrpc::{self, filter_list, ListKind};
+    use portcullis::mcp::sse::Events;
+    let call = br#"{"jsonrpc":"2.0","id":42,"method":"tools/call","params":{"name":"search_docs","arguments":{"query":"quarterly report","limit":10}}}"#;
+    let rules = McpRules::parse_field(McpKind::Tool, &["search_*", "get_*"]).unwrap();
+    let mut h = HeaderMap::new();
+    h.insert("mcp-method", HeaderValue::from_static("tools/call"));
+    h.insert("mcp-name", HeaderValue::from_static("search_docs"));
+    let mut group = c.benchmark_group("mcp");
+    group.bench_function("judge a tools/call body", |b| {
+        b.iter(|| {
+            let m = jsonrpc::parse(call).unwrap();
+            assert!(headers_agree(&h, &m));
+            let (kind, name) = m.target().unwrap().unwrap();
+            rules.permits(kind, name).is_some()
+        })
+    });
+    let tools: Vec<_> = (0..500)
+        .map(|i| {
+            let name = if i % 2 == 0 {
+                format!("get_{i}")
+            } else {
+                format!("other_{i}")
+            };
+            serde_json::json!({"name": name, "description": "A tool of the benchmark, with a description of ordinary length.",
+                "inputSchema": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}})
+        })
+        .collect();
+    let answer = serde_json::json!({"jsonrpc": "2.0", "id": 1, "result": {"tools": tools, "nextCursor": "c"}})
+        .to_string();
+    let keep = |n: &str| rules.permits(McpKind::Tool, n).is_some();
+    let filter_json = |bytes: &[u8]| {
+        let mut v: serde_json::Value = serde_json::from_slice(bytes).unwrap();
+        assert_eq!(filter_list(&mut v, ListKind::Tools, keep), 250);
+        v.to_string()
+    };
+    println!("a 500-tool list answer: {} bytes", answer.len());
+    group.bench_function("filter a 500-tool list answer (JSON)", |b| {
+        b.iter(|| filter_json(answer.as_bytes()))
+    });
+    let event = format!("event: message\nid: 7\ndata: {answer}\n\n");
+    group.bench_function("filter a 500-tool list answer (one SSE event)", |b| {
+        b.iter(|| {
+            let mut events = Events::new(4 << 20);
+            let e = events.push(event.as_bytes()).unwrap().pop().unwrap();
+            e.with_data(&filter_json(e.data.as_deref().unwrap().as_bytes()))
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench, rate_limit, reload, jwt, mcp);
 criterion_main!(benches);

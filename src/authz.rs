@@ -112,7 +112,7 @@ pub fn is_allowed(rules: Option<&[Rule]>, method: &http::Method, path: &str) -> 
 /// (`search_*`, `*_read`, `*`); every other character matches itself, case-sensitively, as MCP
 /// servers compare names.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Glob(String);
+pub struct Glob(std::sync::Arc<str>);
 
 impl Glob {
     /// 1–128 visible ASCII characters (MCP tool names are letters, digits, `_`, `-`, `.`, `/`).
@@ -122,7 +122,7 @@ impl Glob {
                 "{s:?} must be 1-128 visible ASCII characters, '*' standing for any run of them"
             ));
         }
-        Ok(Glob(s.to_string()))
+        Ok(Glob(s.into()))
     }
 
     /// Whether `name` matches, in linear time (the classic two-pointer wildcard match: on a
@@ -152,6 +152,11 @@ impl Glob {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The pattern, shared (for an audit record that outlives a reload).
+    pub fn shared(&self) -> std::sync::Arc<str> {
+        self.0.clone()
+    }
 }
 
 /// What MCP asks for by name: a tool (`tools/call`), a prompt (`prompts/get`), a resource
@@ -164,6 +169,15 @@ pub enum McpKind {
 }
 
 impl McpKind {
+    /// The method that asks for one.
+    pub fn method(self) -> &'static str {
+        match self {
+            McpKind::Tool => "tools/call",
+            McpKind::Prompt => "prompts/get",
+            McpKind::Resource => "resources/read",
+        }
+    }
+
     /// The rule field that governs it, as keys.toml and `[[mcp.grants]]` spell it.
     pub fn field(self) -> &'static str {
         match self {
@@ -181,7 +195,7 @@ impl McpKind {
 pub struct McpRules {
     pub tools: Option<Vec<Glob>>,
     pub prompts: Option<Vec<Glob>>,
-    pub resources: Option<Vec<String>>,
+    pub resources: Option<Vec<std::sync::Arc<str>>>,
 }
 
 /// Which entry of a rule list let a name through, for the audit line.
@@ -219,7 +233,7 @@ impl McpRules {
                 let Some(list) = &self.resources else {
                     return Some(Permit::Unrestricted);
                 };
-                list.iter().position(|p| name.starts_with(p.as_str()))
+                list.iter().position(|p| name.starts_with(&**p))
             }
         };
         found.map(Permit::Entry)
@@ -235,11 +249,11 @@ impl McpRules {
     }
 
     /// The entry at `index` of `kind`'s list, as written (for the audit line).
-    pub fn entry(&self, kind: McpKind, index: usize) -> Option<&str> {
+    pub fn entry(&self, kind: McpKind, index: usize) -> Option<std::sync::Arc<str>> {
         match kind {
-            McpKind::Tool => self.tools.as_ref()?.get(index).map(Glob::as_str),
-            McpKind::Prompt => self.prompts.as_ref()?.get(index).map(Glob::as_str),
-            McpKind::Resource => self.resources.as_ref()?.get(index).map(String::as_str),
+            McpKind::Tool => self.tools.as_ref()?.get(index).map(Glob::shared),
+            McpKind::Prompt => self.prompts.as_ref()?.get(index).map(Glob::shared),
+            McpKind::Resource => self.resources.as_ref()?.get(index).cloned(),
         }
     }
 
@@ -280,7 +294,7 @@ impl McpRules {
                         ));
                     }
                 }
-                rules.resources = Some(entries.iter().map(|e| e.to_string()).collect());
+                rules.resources = Some(entries.iter().map(|e| (*e).into()).collect());
             }
         }
         Ok(rules)
@@ -370,7 +384,7 @@ mod tests {
             some.permits(McpKind::Tool, "search"),
             Some(Permit::Entry(1))
         );
-        assert_eq!(some.entry(McpKind::Tool, 1), Some("search"));
+        assert_eq!(some.entry(McpKind::Tool, 1).as_deref(), Some("search"));
         assert_eq!(some.permits(McpKind::Tool, "delete"), None);
         assert_eq!(
             some.permits(McpKind::Prompt, "p"),

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 
 use super::filter::ListFilter;
 use super::jsonrpc::{self, ListKind, Message};
-use super::policy::{InFlight, Policy, Verdict};
+use super::policy::{DecidedBy, InFlight, Policy, Verdict};
 use crate::access_log::Record;
 use crate::auth::Identity;
 use crate::authz::McpKind;
@@ -93,7 +93,8 @@ pub fn headers_agree(h: &HeaderMap, message: &Message) -> bool {
     agree(method, message.method()) && agree(name, named)
 }
 
-/// One tools/call, prompts/get or resources/read as its audit line tells it.
+/// One tools/call, prompts/get or resources/read as its audit line tells it. Kept as parsed:
+/// the line's text (the rule, the id, the arguments' digest) is made only when it is written.
 #[derive(Debug, Clone)]
 pub struct CallRecord {
     pub method: &'static str,
@@ -101,18 +102,25 @@ pub struct CallRecord {
     /// `allowed`, `denied`, `step_up` or `rate_limited`.
     pub decision: &'static str,
     /// The rule that decided.
-    pub rule: String,
-    /// The JSON-RPC id, as JSON.
-    pub id: String,
-    /// First 16 hex digits of the SHA-256 of the arguments as serde_json writes them (keys
-    /// sorted): tells equal calls apart without revealing them.
-    pub arguments_sha256: Option<String>,
-    /// The arguments themselves, only with `audit_arguments = true`.
-    pub arguments: Option<String>,
+    pub rule: DecidedBy,
+    /// The JSON-RPC id.
+    pub id: Value,
+    /// The call's `arguments`: only their digest is logged, unless `audit_arguments`.
+    arguments: Option<Value>,
+    audit_arguments: bool,
     started: Instant,
 }
 
 impl CallRecord {
+    /// First 16 hex digits of the SHA-256 of the arguments as serde_json writes them (keys
+    /// sorted): tells equal calls apart without revealing them.
+    pub fn arguments_sha256(&self) -> Option<String> {
+        let written = self.arguments.as_ref()?.to_string();
+        Some(crate::auth::api_key::hex(
+            &Sha256::digest(written.as_bytes())[..8],
+        ))
+    }
+
     /// Write the audit line, once the call's answer has ended.
     pub fn log(&self, record: &Record) {
         let (identity, key_fp) = match &record.identity {
@@ -129,12 +137,16 @@ impl CallRecord {
             tool = %self.name.escape_debug(),
             decision = self.decision,
             rule = %self.rule,
-            jsonrpc_id = %self.id.escape_debug(),
+            jsonrpc_id = %self.id.to_string().escape_debug(),
             outcome = record.outcome,
             status = record.status,
             duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
-            arguments_sha256 = self.arguments_sha256.as_deref().unwrap_or("-"),
-            arguments = self.arguments.as_deref().map(str::escape_debug).map(tracing::field::display),
+            arguments_sha256 = self.arguments_sha256().as_deref().unwrap_or("-"),
+            arguments = self
+                .arguments
+                .as_ref()
+                .filter(|_| self.audit_arguments)
+                .map(|a| tracing::field::display(a.to_string().escape_debug().to_string())),
             request_id = %record.request_id,
             client = %record.client,
             "MCP call"
@@ -181,8 +193,8 @@ pub async fn judge(
             .inc();
         Reject::InvalidJsonRpc(reason)
     };
-    let message = jsonrpc::parse(&body).map_err(|r| invalid(r.reason()))?;
-    let target = message.target().map_err(|r| invalid(r.reason()))?;
+    let mut message = jsonrpc::parse(&body).map_err(|r| invalid(r.reason()))?;
+    message.target().map_err(|r| invalid(r.reason()))?;
     if !headers_agree(headers, &message) {
         metrics
             .mcp_invalid
@@ -206,93 +218,89 @@ pub async fn judge(
         list: None,
         in_flight: None,
     };
-    let Message::Request { id, method, params } = &message else {
-        return Ok(judged);
-    };
-    if ListKind::of(method).is_some() {
-        judged.list = Some(list_filter(policy, identity, metrics));
-        return Ok(judged);
+    if let Some(method) = message.method() {
+        if ListKind::of(method).is_some() {
+            judged.list = Some(list_filter(policy, identity, metrics));
+            return Ok(judged);
+        }
     }
-    let Some((kind, name)) = target else {
+    let Ok(Some((kind, name))) = message.target() else {
         return Ok(judged);
     };
-    let arguments = params.as_ref().and_then(|p| p.get("arguments"));
-    let written = arguments.map(Value::to_string);
-    let record = call.insert(CallRecord {
-        method: match kind {
-            McpKind::Tool => "tools/call",
-            McpKind::Prompt => "prompts/get",
-            McpKind::Resource => "resources/read",
-        },
-        name: name.to_string(),
-        decision: "allowed",
-        rule: String::new(),
-        id: id.to_string(),
-        arguments_sha256: written
-            .as_ref()
-            .map(|w| crate::auth::api_key::hex(&Sha256::digest(w.as_bytes())[..8])),
-        arguments: written.filter(|_| policy.config.audit_arguments),
-        started: Instant::now(),
-    });
+    let name = name.to_string();
     let what = match kind {
         McpKind::Tool => "Tool",
         McpKind::Prompt => "Prompt",
         McpKind::Resource => "Resource",
     };
-    let verdict = policy.decide(identity, kind, name);
-    let outcome = match verdict {
+    let Message::Request { id, params, .. } = &mut message else {
+        return Ok(judged);
+    };
+    let (decision, rule, outcome) = match policy.decide(identity, kind, &name) {
         Verdict::Allow(rule) => {
-            record.rule = rule;
-            match (kind, identity.owner()) {
-                (McpKind::Tool, Some(owner)) => match policy.limit(&owner, name).await {
-                    Ok(in_flight) => {
-                        judged.in_flight = in_flight;
-                        Ok(judged)
-                    }
-                    Err(limited) => {
-                        record.decision = "rate_limited";
-                        let message = format!(
-                            "{what} {name:?} is rate limited; retry in {} s.",
-                            limited.retry_after
-                        );
-                        Err(Reject::ToolRateLimited {
-                            body: jsonrpc_error(
-                                Some(id),
-                                RPC_LIMITED,
-                                &message,
-                                Some(serde_json::json!({ "retry_after": limited.retry_after })),
-                            ),
-                            retry_after: limited.retry_after,
-                        })
-                    }
-                },
-                _ => Ok(judged),
+            let owner = (kind == McpKind::Tool && policy.has_limits())
+                .then(|| identity.owner())
+                .flatten();
+            let limited = match owner {
+                Some(owner) => policy.limit(&owner, &name).await,
+                None => Ok(None),
+            };
+            match limited {
+                Ok(in_flight) => {
+                    judged.in_flight = in_flight;
+                    ("allowed", rule, Ok(judged))
+                }
+                Err(limited) => {
+                    let message = format!(
+                        "{what} {name:?} is rate limited; retry in {} s.",
+                        limited.retry_after
+                    );
+                    let reject = Reject::ToolRateLimited {
+                        body: jsonrpc_error(
+                            Some(id),
+                            RPC_LIMITED,
+                            &message,
+                            Some(serde_json::json!({ "retry_after": limited.retry_after })),
+                        ),
+                        retry_after: limited.retry_after,
+                    };
+                    ("rate_limited", rule, Err(reject))
+                }
             }
         }
         Verdict::Deny(rule) => {
-            record.rule = rule;
-            record.decision = "denied";
             let message = format!("{what} {name:?} is not permitted.");
-            Err(Reject::ToolDenied(jsonrpc_error(
-                Some(id),
-                RPC_DENIED,
-                &message,
-                None,
-            )))
+            let reject = Reject::ToolDenied(jsonrpc_error(Some(id), RPC_DENIED, &message, None));
+            ("denied", rule, Err(reject))
         }
         Verdict::StepUp(scopes) => {
-            record.rule = format!("step-up: {scopes}");
-            record.decision = "step_up";
-            Err(Reject::InsufficientScope(scopes.into()))
+            let reject = Reject::InsufficientScope(scopes.as_str().into());
+            ("step_up", DecidedBy::StepUp(scopes), Err(reject))
         }
     };
     metrics
         .mcp_calls
         .get_or_create(&McpCallLabels {
-            method: record.method,
-            decision: record.decision,
+            method: kind.method(),
+            decision,
         })
         .inc();
+    // The parsed message is not needed past this point: its id and arguments move to the
+    // audit record.
+    let arguments = params
+        .as_mut()
+        .and_then(Value::as_object_mut)
+        .and_then(|p| p.remove("arguments"));
+    *call = Some(CallRecord {
+        method: kind.method(),
+        name,
+        decision,
+        rule,
+        id: std::mem::take(id),
+        arguments,
+        audit_arguments: policy.config.audit_arguments,
+        started: Instant::now(),
+    });
     outcome
 }
 

@@ -241,10 +241,14 @@ impl<'de> Visitor<'de> for StrictVisitor {
         let mut out = Map::new();
         while let Some(key) = map.next_key::<String>()? {
             let Strict(value) = map.next_value()?;
-            if out.contains_key(&key) {
-                return Err(serde::de::Error::custom(DuplicateMarker(key)));
+            match out.entry(key) {
+                serde_json::map::Entry::Occupied(e) => {
+                    return Err(serde::de::Error::custom(DuplicateMarker(e.key().clone())));
+                }
+                serde_json::map::Entry::Vacant(e) => {
+                    e.insert(value);
+                }
             }
-            out.insert(key, value);
         }
         Ok(Value::Object(out))
     }
@@ -278,7 +282,7 @@ pub fn parse(body: &[u8]) -> Result<Message, Refusal> {
             });
         }
     };
-    let obj = match value {
+    let mut obj = match value {
         Value::Object(o) => o,
         Value::Array(_) => return Err(Refusal::Batch),
         _ => return Err(Refusal::NotObject),
@@ -286,27 +290,21 @@ pub fn parse(body: &[u8]) -> Result<Message, Refusal> {
     if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
         return Err(Refusal::Version);
     }
-    let id = match obj.get("id") {
+    // The object is taken apart, not copied: a call's arguments can be large.
+    let id = match obj.remove("id") {
         None => None,
-        Some(v @ (Value::String(_) | Value::Null)) => Some(v.clone()),
-        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Some(Value::Number(n.clone())),
+        Some(v @ (Value::String(_) | Value::Null)) => Some(v),
+        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Some(Value::Number(n)),
         Some(_) => return Err(Refusal::Id),
     };
-    let params = match obj.get("params") {
+    let params = match obj.remove("params") {
         None => None,
-        Some(p @ (Value::Object(_) | Value::Array(_))) => Some(p.clone()),
+        Some(p @ (Value::Object(_) | Value::Array(_))) => Some(p),
         Some(_) => return Err(Refusal::Params),
     };
-    match (obj.get("method"), id) {
-        (Some(Value::String(method)), Some(id)) => Ok(Message::Request {
-            id,
-            method: method.clone(),
-            params,
-        }),
-        (Some(Value::String(method)), None) => Ok(Message::Notification {
-            method: method.clone(),
-            params,
-        }),
+    match (obj.remove("method"), id) {
+        (Some(Value::String(method)), Some(id)) => Ok(Message::Request { id, method, params }),
+        (Some(Value::String(method)), None) => Ok(Message::Notification { method, params }),
         (Some(_), _) => Err(Refusal::Method),
         (None, Some(id)) if obj.contains_key("result") || obj.contains_key("error") => {
             Ok(Message::Response { id })

@@ -70,12 +70,47 @@ pub struct ToolLimit {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// Allowed, and the rule that allowed it (for the audit line).
-    Allow(String),
+    Allow(DecidedBy),
     /// Refused, and the rule that decided it.
-    Deny(String),
+    Deny(DecidedBy),
     /// Refused, but a token holding one more scope would be allowed: the scopes to ask for
     /// (those held and the one missing).
     StepUp(String),
+}
+
+/// The rule that decided a call, for its audit line: kept as it is and written out only when
+/// the line is (nothing is formatted on the request path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecidedBy {
+    /// The key's own field; the entry that matched (`None`: the field is absent, every one).
+    Key(McpKind, Option<Arc<str>>),
+    /// The key's field matched nothing.
+    KeyNoMatch(McpKind),
+    /// `[[mcp.grants]]` number `index` (from 0); the entry that matched, as for keys.
+    Grant(usize, McpKind, Option<Arc<str>>),
+    /// Grants name the identity, but none covers the name.
+    GrantsNoMatch(McpKind),
+    /// No grant names the identity.
+    NoGrant,
+    Anonymous,
+    /// Refused for a scope the token lacks: the scopes asked for.
+    StepUp(String),
+}
+
+impl std::fmt::Display for DecidedBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecidedBy::Key(k, None) => write!(f, "key {}: every one", k.field()),
+            DecidedBy::Key(k, Some(e)) => write!(f, "key {}: {:?}", k.field(), e),
+            DecidedBy::KeyNoMatch(k) => write!(f, "key {}: no match", k.field()),
+            DecidedBy::Grant(i, k, None) => write!(f, "grants[{i}] {}: every one", k.field()),
+            DecidedBy::Grant(i, k, Some(e)) => write!(f, "grants[{i}] {}: {:?}", k.field(), e),
+            DecidedBy::GrantsNoMatch(k) => write!(f, "grants {}: no match", k.field()),
+            DecidedBy::NoGrant => f.write_str("grants: none names this identity"),
+            DecidedBy::Anonymous => f.write_str("anonymous"),
+            DecidedBy::StepUp(scopes) => write!(f, "step-up: {scopes}"),
+        }
+    }
 }
 
 /// The tool rules in force.
@@ -163,19 +198,17 @@ impl Policy {
 
     /// Judge a call of `name` (a tool, prompt or resource URI) by `identity`.
     pub fn decide(&self, identity: &Identity, kind: McpKind, name: &str) -> Verdict {
-        let field = kind.field();
         if let Identity::Key(k) = identity {
             return match k.mcp.permits(kind, name) {
-                Some(Permit::Unrestricted) => Verdict::Allow(format!("key {field}: every one")),
-                Some(Permit::Entry(i)) => Verdict::Allow(format!(
-                    "key {field}: {:?}",
-                    k.mcp.entry(kind, i).unwrap_or("")
-                )),
-                None => Verdict::Deny(format!("key {field}: no match")),
+                Some(Permit::Unrestricted) => Verdict::Allow(DecidedBy::Key(kind, None)),
+                Some(Permit::Entry(i)) => {
+                    Verdict::Allow(DecidedBy::Key(kind, k.mcp.entry(kind, i)))
+                }
+                None => Verdict::Deny(DecidedBy::KeyNoMatch(kind)),
             };
         }
         if matches!(identity, Identity::Anonymous) {
-            return Verdict::Deny("anonymous".into());
+            return Verdict::Deny(DecidedBy::Anonymous);
         }
         let mut named = false;
         for (i, g) in self.config.grants.iter().enumerate() {
@@ -185,13 +218,10 @@ impl Policy {
             named = true;
             match g.rules.permits(kind, name) {
                 Some(Permit::Unrestricted) => {
-                    return Verdict::Allow(format!("grants[{i}] {field}: every one"))
+                    return Verdict::Allow(DecidedBy::Grant(i, kind, None))
                 }
                 Some(Permit::Entry(e)) => {
-                    return Verdict::Allow(format!(
-                        "grants[{i}] {field}: {:?}",
-                        g.rules.entry(kind, e).unwrap_or("")
-                    ))
+                    return Verdict::Allow(DecidedBy::Grant(i, kind, g.rules.entry(kind, e)))
                 }
                 None => {}
             }
@@ -209,9 +239,9 @@ impl Policy {
             }
         }
         Verdict::Deny(if named {
-            format!("grants {field}: no match")
+            DecidedBy::GrantsNoMatch(kind)
         } else {
-            "grants: none names this identity".into()
+            DecidedBy::NoGrant
         })
     }
 
@@ -254,6 +284,11 @@ impl Policy {
             table: self.in_flight.clone(),
             key,
         }))
+    }
+
+    /// Whether any `[[mcp.tool_limits]]` is set (else a call costs no limit lookup).
+    pub fn has_limits(&self) -> bool {
+        !self.config.tool_limits.is_empty()
     }
 
     pub fn housekeep(&self) {
@@ -315,17 +350,18 @@ mod tests {
             vec![],
         );
         let alice = Identity::User("alice".into());
-        assert_eq!(
-            p.decide(&alice, McpKind::Tool, "search_docs"),
-            Verdict::Allow("grants[0] tools: \"search_*\"".into())
-        );
+        let v = p.decide(&alice, McpKind::Tool, "search_docs");
+        let Verdict::Allow(by) = v else {
+            panic!("{v:?}")
+        };
+        assert_eq!(by.to_string(), "grants[0] tools: \"search_*\"");
         assert!(matches!(
             p.decide(&alice, McpKind::Tool, "get_time"),
             Verdict::Allow(_)
         ));
         assert_eq!(
             p.decide(&alice, McpKind::Tool, "delete_all"),
-            Verdict::Deny("grants tools: no match".into())
+            Verdict::Deny(DecidedBy::GrantsNoMatch(McpKind::Tool))
         );
         assert!(matches!(
             p.decide(&alice, McpKind::Prompt, "any"),
@@ -341,7 +377,7 @@ mod tests {
         );
         assert_eq!(
             p.decide(&t, McpKind::Tool, "search_docs"),
-            Verdict::Deny("grants: none names this identity".into())
+            Verdict::Deny(DecidedBy::NoGrant)
         );
         let admin = token("svc", &["mcp:admin"]);
         assert!(matches!(
@@ -350,7 +386,7 @@ mod tests {
         ));
         assert_eq!(
             p.decide(&Identity::Anonymous, McpKind::Tool, "get_time"),
-            Verdict::Deny("anonymous".into())
+            Verdict::Deny(DecidedBy::Anonymous)
         );
     }
 
