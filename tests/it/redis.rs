@@ -212,3 +212,50 @@ async fn a_password_protected_redis_url_can_come_from_a_secret_file() {
     let config_text = std::fs::read_to_string(proxy.dir.path().join("proxy.toml")).unwrap();
     assert!(!config_text.contains("s3cret-redis-pass"));
 }
+
+#[tokio::test]
+async fn tool_limits_kept_in_redis_hold_across_replicas() {
+    let Some(redis) = Redis::start() else { return };
+    let backend = Backend::ok().await;
+    let replica = async || {
+        Proxy::start_with(&format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [upstream]\nurl = \"{}\"\n[auth]\nkeys_file = \"keys.toml\"\n\
+             [rate_limit]\nrequests_per_second = 1000\nbackend = \"redis\"\nredis_url = \"{}\"\n\
+             [mcp]\ntool_policy = true\n\
+             [[mcp.tool_limits]]\ntools = [\"search_*\"]\nrequests_per_second = 1\nburst = 2\n",
+            backend.url(),
+            redis.url()
+        ))
+        .await
+    };
+    let (a, b) = (replica().await, replica().await);
+    let call = async |proxy: &Proxy, tool: &str| {
+        let r = send(
+            "POST",
+            &proxy.url("/mcp"),
+            &[("x-api-key", PROD_KEY)],
+            &format!(
+                r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"{tool}"}}}}"#
+            ),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        // The backend answers "ok"; a refusal is the proxy's JSON-RPC error.
+        serde_json::from_slice::<serde_json::Value>(&r.body)
+            .map(|v| v["error"]["code"].as_i64().unwrap_or(0))
+            .unwrap_or(0)
+    };
+    let mut allowed = 0;
+    for _ in 0..3 {
+        for proxy in [&a, &b] {
+            if call(proxy, "search_docs").await == 0 {
+                allowed += 1;
+            }
+        }
+    }
+    // Burst 2 between the replicas (a third if a second passed meanwhile), not 2 each.
+    assert!((2..=3).contains(&allowed), "{allowed} of 6 allowed");
+    assert_eq!(call(&a, "search_docs").await, 429);
+    assert_eq!(call(&b, "get_time").await, 0, "a tool without a limit");
+}
