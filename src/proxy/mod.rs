@@ -406,7 +406,7 @@ impl Proxy {
         }
         self.rate_limit(identity, ex).await?;
         let judged = self
-            .judge_mcp(&parts, body, admitted.upgrade.is_some(), identity, ex)
+            .judge_mcp(&mut parts, body, admitted.upgrade.is_some(), identity, ex)
             .await?;
         let how = admitted.upgrade.as_ref().map(|(how, _)| *how);
         self.rewrite(&mut parts, &admitted.path, &verified, how, conn, ex)?;
@@ -438,7 +438,7 @@ impl Proxy {
     /// other request keeps its body streaming: `Err(body)`.
     async fn judge_mcp(
         &self,
-        parts: &Parts,
+        parts: &mut Parts,
         body: Incoming,
         upgrade: bool,
         identity: &Identity,
@@ -457,11 +457,14 @@ impl Proxy {
             // A WebSocket's frames are never judged: refused rather than let through unjudged.
             return Err(Reject::Forbidden);
         }
-        if parts.method == Method::GET {
-            ex.mcp_list = Some(inspect::list_filter(policy, identity, &self.metrics));
+        if parts.method != Method::GET && parts.method != Method::POST {
             return Ok(Err(body));
         }
-        if parts.method != Method::POST {
+        // Answers are read to be filtered: asked for as they can be read, not compressed (a
+        // compressed list answer would not parse, and be cut).
+        parts.headers.remove(header::ACCEPT_ENCODING);
+        if parts.method == Method::GET {
+            ex.mcp_list = Some(inspect::list_filter(policy, identity, &self.metrics));
             return Ok(Err(body));
         }
         let limit = (policy.config.max_inspect_bytes as u64).min(self.config.server.max_body_bytes);

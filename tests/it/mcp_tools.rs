@@ -272,11 +272,17 @@ async fn a_list_of_500_tools_is_cut_to_the_callers_in_json_and_in_sse_with_its_c
             &[
                 ("authorization", &auth),
                 ("accept", "application/json, text/event-stream"),
+                ("accept-encoding", "gzip, br"),
             ],
             &rpc(4, "tools/list", serde_json::json!({})),
         )
         .await;
         assert_eq!(r.status, 200);
+        let seen = backend.take();
+        assert!(
+            seen[0].headers.get("accept-encoding").is_none(),
+            "answers to be filtered are asked for uncompressed"
+        );
         assert_eq!(r.headers["cache-control"], "private, no-store");
         let text = String::from_utf8(r.body.to_vec()).unwrap();
         let answer: serde_json::Value = if sse {
