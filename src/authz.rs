@@ -271,6 +271,19 @@ impl McpRules {
         join(&mut self.resources, &other.resources);
     }
 
+    /// Set one field (`tools`, `prompts` or `resources`) from its entries as a file writes
+    /// them; `Err` names the bad entry, and the rules are left as they were.
+    pub fn set(&mut self, kind: McpKind, entries: &[String]) -> Result<(), String> {
+        let entries: Vec<&str> = entries.iter().map(String::as_str).collect();
+        let parsed = McpRules::parse_field(kind, &entries)?;
+        match kind {
+            McpKind::Tool => self.tools = parsed.tools,
+            McpKind::Prompt => self.prompts = parsed.prompts,
+            McpKind::Resource => self.resources = parsed.resources,
+        }
+        Ok(())
+    }
+
     /// Parse one field's entries, naming the bad ones.
     pub fn parse_field(kind: McpKind, entries: &[&str]) -> Result<McpRules, String> {
         let mut rules = McpRules::default();

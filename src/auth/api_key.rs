@@ -287,17 +287,11 @@ impl KeySet {
                 (McpKind::Resource, &raw.resources),
             ] {
                 let Some(list) = field else { continue };
-                let entries: Vec<&str> = list.get_ref().iter().map(String::as_str).collect();
-                match McpRules::parse_field(kind, &entries) {
-                    Ok(rules) => match kind {
-                        McpKind::Tool => mcp.tools = rules.tools,
-                        McpKind::Prompt => mcp.prompts = rules.prompts,
-                        McpKind::Resource => mcp.resources = rules.resources,
-                    },
-                    Err(e) => err(
+                if let Err(e) = mcp.set(kind, list.get_ref()) {
+                    err(
                         list.span().start,
                         format!("{} of \"{name}\": {e}", kind.field()),
-                    ),
+                    );
                 }
             }
             let line_of = |offset: usize| src.at(offset, "").line;

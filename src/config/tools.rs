@@ -71,14 +71,8 @@ impl Validator<'_> {
         field: &Option<Spanned<Vec<String>>>,
     ) {
         let Some(list) = field else { return };
-        let entries: Vec<&str> = list.get_ref().iter().map(String::as_str).collect();
-        match McpRules::parse_field(kind, &entries) {
-            Ok(parsed) => match kind {
-                McpKind::Tool => rules.tools = parsed.tools,
-                McpKind::Prompt => rules.prompts = parsed.prompts,
-                McpKind::Resource => rules.resources = parsed.resources,
-            },
-            Err(e) => self.err(list, format!("{}: {e}", kind.field())),
+        if let Err(e) = rules.set(kind, list.get_ref()) {
+            self.err(list, format!("{}: {e}", kind.field()));
         }
     }
 

@@ -599,8 +599,12 @@ async fn a_key_s_tools_are_reloaded_with_the_keys_file() {
     .expect("the new rules within 20 s, without a restart");
 }
 
-#[tokio::test]
-async fn the_audit_line_names_the_call_and_never_its_arguments() {
+const SECRET_ARGUMENT: &str = "secret-argument-4242";
+
+/// The real binary with tool rules (`mcp_extra` in `[mcp]`) and JSON logs, sent a call of
+/// each of `tools` with `{"q": SECRET_ARGUMENT}`: its `mcp_call` lines, every process-log line,
+/// and the access log.
+async fn audited(mcp_extra: &str, tools: &[&str]) -> (Vec<serde_json::Value>, Vec<String>, String) {
     let (backend, _) = jsonrpc_backend(false, 2).await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("keys.toml"), keys()).unwrap();
@@ -614,13 +618,12 @@ async fn the_audit_line_names_the_call_and_never_its_arguments() {
         &format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
              [upstream]\nurl = \"{}\"\n[auth]\nkeys_file = \"keys.toml\"\n\
-             [mcp]\ntool_policy = true\n\
+             [mcp]\ntool_policy = true\n{mcp_extra}\n\
              [log]\nformat = \"json\"\naccess_log = \"access.log\"\n",
             backend.url()
         ),
     );
-    let secret = "secret-argument-4242";
-    for (id, tool) in [(11, "search_docs"), (12, "delete_all")] {
+    for (id, tool) in (11..).zip(tools) {
         send(
             "POST",
             &format!("http://{addr}/mcp"),
@@ -628,7 +631,7 @@ async fn the_audit_line_names_the_call_and_never_its_arguments() {
             &rpc(
                 id,
                 "tools/call",
-                serde_json::json!({"name": tool, "arguments": {"q": secret}}),
+                serde_json::json!({"name": tool, "arguments": {"q": SECRET_ARGUMENT}}),
             ),
         )
         .await;
@@ -640,7 +643,14 @@ async fn the_audit_line_names_the_call_and_never_its_arguments() {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["event"] == "mcp_call")
         .collect();
-    assert_eq!(calls.len(), 2, "{logged:#?}");
+    assert_eq!(calls.len(), tools.len(), "{logged:#?}");
+    let access = std::fs::read_to_string(dir.path().join("access.log")).unwrap();
+    (calls, logged, access)
+}
+
+#[tokio::test]
+async fn the_audit_line_names_the_call_and_never_its_arguments() {
+    let (calls, logged, access) = audited("", &["search_docs", "delete_all"]).await;
     let fp = &sha256_hex(READER)[..12];
     assert_eq!(calls[0]["identity"], "reader");
     assert_eq!(calls[0]["key_fp"], fp);
@@ -657,37 +667,51 @@ async fn the_audit_line_names_the_call_and_never_its_arguments() {
         "the same arguments, the same digest"
     );
     assert_eq!(calls[0]["arguments_sha256"].as_str().unwrap().len(), 16);
-    let access = std::fs::read_to_string(dir.path().join("access.log")).unwrap();
     for text in logged.iter().chain([&access]) {
-        assert!(!text.contains(secret), "an argument was logged: {text}");
+        assert!(
+            !text.contains(SECRET_ARGUMENT),
+            "an argument was logged: {text}"
+        );
     }
+
+    // Asked for, the arguments are in the line.
+    let (calls, _, _) = audited("audit_arguments = true", &["search_docs"]).await;
+    assert!(
+        calls[0]["arguments"]
+            .as_str()
+            .unwrap()
+            .contains(SECRET_ARGUMENT),
+        "{}",
+        calls[0]
+    );
 }
 
 #[test]
 fn check_names_each_tool_rule_mistake_with_its_position() {
     let dir = tempfile::tempdir().unwrap();
+    let check = |config: &str| {
+        std::fs::write(dir.path().join("proxy.toml"), config).unwrap();
+        let out = bin()
+            .arg("check")
+            .arg("--config")
+            .arg(dir.path().join("proxy.toml"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
     std::fs::write(
         dir.path().join("keys.toml"),
         format!("[[keys]]\nname = \"k\"\napi_key = \"{READER}\"\ntools = [\"has space\"]\n"),
     )
     .unwrap();
-    std::fs::write(
-        dir.path().join("proxy.toml"),
+    let text = check(
         "[upstream]\nurl = \"http://127.0.0.1:9\"\n[auth]\nkeys_file = \"keys.toml\"\n\
          [mcp]\ntool_policy = true\nmax_inspect_bytes = \"1\"\n\
          [[mcp.grants]]\ntools = [\"x\"]\n\
          [[mcp.grants]]\nusers = [\"bob\"]\n\
          [[mcp.tool_limits]]\ntools = [\"search_*\"]\n",
-    )
-    .unwrap();
-    let out = bin()
-        .arg("check")
-        .arg("--config")
-        .arg(dir.path().join("proxy.toml"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
+    );
     for expected in [
         "max_inspect_bytes must be between 1KiB and 64MiB",
         "[[mcp.grants]] names nobody",
@@ -698,17 +722,9 @@ fn check_names_each_tool_rule_mistake_with_its_position() {
         assert!(text.contains(expected), "{expected:?} not in:\n{text}");
     }
     // Rules that would never apply are an error, not a silent hole.
-    std::fs::write(
-        dir.path().join("proxy.toml"),
+    let text = check(
         "[upstream]\nurl = \"http://127.0.0.1:9\"\n[auth]\nkeys_file = \"keys.toml\"\n\
          [mcp]\n[[mcp.grants]]\nusers = [\"bob\"]\ntools = [\"x\"]\n",
-    )
-    .unwrap();
-    let out = bin()
-        .arg("check")
-        .arg("--config")
-        .arg(dir.path().join("proxy.toml"))
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("only with [mcp] tool_policy = true"));
+    );
+    assert!(text.contains("only with [mcp] tool_policy = true"));
 }
