@@ -13,6 +13,9 @@
 //! - Session binding: an `Mcp-Session-Id` the backend issued in an answer to one identity and
 //!   presented later by another gets 404 (MCP's answer for an unknown session), backend
 //!   untouched. Kept in this process's memory, bounded ([`Sessions`]).
+//! - Tool rules (`tool_policy`, MCP.md §3): who may use which tools, prompts and resources
+//!   ([`policy`]); POST bodies read, parsed strictly ([`jsonrpc`]) and judged ([`inspect`]);
+//!   list answers filtered in JSON and in event streams ([`filter`], [`sse`]).
 //!
 //! Fails closed: an `Origin` that is not exactly an allowed one (or the resource's own) is
 //! refused, a preflight from it too; a session bound to another identity is refused. Fails

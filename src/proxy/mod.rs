@@ -3,14 +3,17 @@
 //! [`Proxy::admit`] (method, framing, path, network, body size) → what portcullis answers itself
 //! on the MCP endpoint's behalf (`Mcp::local`), and its Origin rule → [`Auth::authenticate`] (bans,
 //! then the credential) → [`Proxy::authorize`] (the key's `allow` rules) →
-//! [`Proxy::rate_limit`] → [`Proxy::rewrite`] (headers for the backend) → [`Upstream::send`]
-//! (streaming) → [`Proxy::accept_upgrade`] → response headers, in [`Proxy::handle`].
+//! [`Proxy::rate_limit`] → [`Proxy::judge_mcp`] (on the MCP path under tool rules: the
+//! JSON-RPC body read and judged) → [`Proxy::rewrite`] (headers for the backend, in
+//! `rewrite.rs`) → [`Upstream::send`] (streaming) → [`Proxy::accept_upgrade`] → response
+//! headers (and MCP lists filtered), in [`Proxy::handle`].
 //!
 //! Every refusal is a [`Reject`]; the access log line is written when the response body is
 //! finished (or the client goes away). Each stage fails closed: whatever it cannot decide is
 //! refused.
 
 mod exchange;
+mod rewrite;
 pub mod tunnel;
 pub mod upstream;
 
@@ -28,7 +31,7 @@ use hyper::upgrade::OnUpgrade;
 
 use crate::access_log::AccessLogger;
 use crate::auth::{Auth, CredId, Identity, Verified};
-use crate::config::{Config, HostHeader, UpstreamProtocol};
+use crate::config::Config;
 use crate::conn::ConnInfo;
 use crate::error::Reject;
 use crate::headers::{self, RequestIds, X_REQUEST_ID};
@@ -570,94 +573,6 @@ impl Proxy {
             }
         }
         Ok(())
-    }
-
-    /// The request as the backend gets it (DESIGN.md §5): hop-by-hop and spoofable headers
-    /// and credentials removed, forwarding headers, identity, request id and Host set, the
-    /// URI made absolute on the upstream, the version the upstream speaks.
-    fn rewrite(
-        &self,
-        parts: &mut Parts,
-        path: &str,
-        verified: &Verified,
-        upgrade: Option<Upgrade>,
-        conn: &ConnInfo,
-        ex: &Exchange,
-    ) -> Result<(), Reject> {
-        let (identity, carrier) = (&verified.identity, verified.carrier.as_ref());
-        let up = &self.upstream.config;
-        let client_host = parts.headers.get(header::HOST).cloned().or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
-        let h = &mut parts.headers;
-        // gRPC over h2c needs `TE: trailers`, the one TE value that may cross an HTTP/2 hop.
-        let keep_te_trailers =
-            up.protocol == UpstreamProtocol::Http2 && headers::te_has_trailers(h);
-        headers::strip_hop_by_hop(h);
-        if keep_te_trailers {
-            h.insert(header::TE, HeaderValue::from_static("trailers"));
-        }
-        if let Some(how) = upgrade {
-            if up.protocol == UpstreamProtocol::Http2 {
-                return Err(Reject::UpgradeUnsupported);
-            }
-            tunnel::to_http1_handshake(how, &mut parts.method, &mut parts.extensions, h);
-        }
-        if parts.version == Version::HTTP_2 && up.protocol == UpstreamProtocol::Http1 {
-            headers::join_cookies(h);
-        }
-        let forwarded_chain = self.config.server.net.incoming_chain(conn.peer.ip(), h);
-        headers::remove_all(h, &self.request_strip);
-        headers::remove_underscored(h);
-        if up.pass_credentials {
-            self.keep_only_verified_credential(h, carrier);
-        }
-        headers::set_forwarded(
-            h,
-            &headers::Forwarded {
-                client_ip: ex.client,
-                peer: crate::netpolicy::canonical(conn.peer.ip()),
-                peer_value: &conn.peer_value,
-                chain: forwarded_chain.as_deref(),
-                proto: self.proto,
-                client_host: client_host.as_ref(),
-            },
-        );
-        if let Some(v) = identity.header_value() {
-            h.insert(self.config.auth.identity_header.clone(), v);
-        }
-        h.insert(X_REQUEST_ID.clone(), ex.record.request_id.value().clone());
-        match up.host_header {
-            HostHeader::Upstream => {
-                h.insert(header::HOST, self.upstream.host.clone());
-            }
-            HostHeader::Preserve => {
-                if let Some(host) = client_host {
-                    h.insert(header::HOST, host);
-                }
-            }
-        }
-        parts.uri = self.upstream.uri(path, parts.uri.query())?;
-        parts.version = match up.protocol {
-            UpstreamProtocol::Http1 => Version::HTTP_11,
-            UpstreamProtocol::Http2 => Version::HTTP_2,
-        };
-        Ok(())
-    }
-
-    /// With `pass_credentials`, the backend gets the credential that was verified and no other:
-    /// the header authentication read it from (`carrier`), none at all for an anonymous or
-    /// certificate identity.
-    fn keep_only_verified_credential(&self, h: &mut http::HeaderMap, carrier: Option<&HeaderName>) {
-        let names = &self.config.auth.api_key_headers;
-        for name in names.iter().chain([&header::AUTHORIZATION]) {
-            if carrier != Some(name) {
-                h.remove(name);
-            }
-        }
     }
 
     /// The backend's answer: hop-by-hop headers removed; a 101 to an upgrade the client asked
