@@ -12,6 +12,7 @@ pub mod conn;
 pub mod demo;
 pub mod diag;
 pub mod error;
+pub mod forward_auth;
 pub mod framing;
 pub mod headers;
 pub mod mcp;

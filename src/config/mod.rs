@@ -97,6 +97,8 @@ pub struct Config {
     pub log: LogConfig,
     /// `[mcp]`: the MCP endpoint, when configured.
     pub mcp: Option<crate::mcp::McpConfig>,
+    /// `[forward_auth]`: the listener that answers front proxies' authentication checks.
+    pub forward_auth: Option<crate::forward_auth::ForwardAuthConfig>,
     /// Things worth telling the operator that do not stop the proxy (weak password hashes).
     pub warnings: Vec<String>,
 }

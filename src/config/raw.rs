@@ -19,6 +19,15 @@ pub(super) struct RawConfig {
     pub(super) headers: Option<RawHeaders>,
     pub(super) log: Option<RawLog>,
     pub(super) mcp: Option<Spanned<RawMcp>>,
+    pub(super) forward_auth: Option<Spanned<RawForwardAuth>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawForwardAuth {
+    pub(super) listen: S<String>,
+    pub(super) path: S<String>,
+    pub(super) convention: Option<crate::forward_auth::Convention>,
 }
 
 #[derive(Deserialize, Default)]

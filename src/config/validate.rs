@@ -137,6 +137,7 @@ impl Validator<'_> {
                 self.warnings.push("[mcp] tool_policy is on and no [[mcp.grants]] is set: htpasswd users, client certificates and tokens may use no tool, prompt or resource (API keys follow their tools/prompts/resources in the keys file)".into());
             }
         }
+        let forward_auth = raw.forward_auth.map(|f| self.forward_auth(f));
         let ban = self.ban(raw.ban.unwrap_or_default());
         let rate_limit = self.rate_limit(raw.rate_limit.unwrap_or_default());
         let headers = self.headers(raw.headers.unwrap_or_default());
@@ -152,8 +153,40 @@ impl Validator<'_> {
             headers,
             log,
             mcp,
+            forward_auth,
             warnings: std::mem::take(&mut self.warnings),
         })
+    }
+
+    /// `[forward_auth]`: a listen address (required) and a check path.
+    fn forward_auth(
+        &mut self,
+        raw: Spanned<RawForwardAuth>,
+    ) -> crate::forward_auth::ForwardAuthConfig {
+        let r = raw.get_ref();
+        if r.listen.is_none() {
+            self.err(&raw, "[forward_auth] needs listen = \"127.0.0.1:9902\" (where front proxies send their checks)");
+        }
+        let path = match &r.path {
+            None => "/auth".to_string(),
+            Some(p) => {
+                let v = p.get_ref();
+                match crate::path::normalize(v) {
+                    Ok(n) if n == *v && v.len() > 1 && v != "/healthz" => v.clone(),
+                    _ => {
+                        self.err(p, format!("path = {v:?} must be a normalised absolute path other than /healthz, such as \"/auth\""));
+                        "/auth".to_string()
+                    }
+                }
+            }
+        };
+        crate::forward_auth::ForwardAuthConfig {
+            listen: self.addr(&r.listen, "listen", "127.0.0.1:9902"),
+            path,
+            convention: r
+                .convention
+                .unwrap_or(crate::forward_auth::Convention::Auto),
+        }
     }
 
     pub(super) fn server(&mut self, r: RawServer) -> ServerConfig {

@@ -71,7 +71,7 @@ pub struct Exchange {
 }
 
 impl Exchange {
-    pub(super) fn start(proxy: &Proxy, req: &Request<Incoming>, conn: &ConnInfo) -> Exchange {
+    pub(crate) fn start<B: Body>(proxy: &Proxy, req: &Request<B>, conn: &ConnInfo) -> Exchange {
         conn.activity.in_flight.fetch_add(1, Ordering::Relaxed);
         let headers = req.headers();
         let request_id = headers
@@ -161,6 +161,16 @@ pub struct LoggedBody {
 }
 
 impl LoggedBody {
+    /// A body of the proxy's own, outside any exchange (nothing to log).
+    pub fn own(body: Full<Bytes>) -> LoggedBody {
+        LoggedBody {
+            inner: Either::Right(body),
+            ex: None,
+            watch: None,
+            idle_limit: std::time::Duration::ZERO,
+        }
+    }
+
     fn finish(&mut self) {
         // Dropping the exchange logs it.
         self.ex.take();

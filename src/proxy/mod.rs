@@ -12,6 +12,7 @@
 //! finished (or the client goes away). Each stage fails closed: whatever it cannot decide is
 //! refused.
 
+mod decide;
 mod exchange;
 mod rewrite;
 pub mod tunnel;
@@ -39,6 +40,7 @@ use crate::mcp::Mcp;
 use crate::metrics::Metrics;
 use crate::ratelimit::{RateLimits, Subject};
 use crate::streams::{StreamGuard, StreamKind, Streams};
+pub use decide::CREDENTIAL_FP;
 pub use exchange::{Exchange, LoggedBody};
 use tunnel::{Limits, Upgrade, Watch};
 use upstream::{ClientBody, Upstream};
@@ -363,51 +365,20 @@ impl Proxy {
         {
             return Ok(Answer::Own(own.0, own.1));
         }
-        if let Some(mcp) = self.mcp.as_ref().filter(|m| m.is_endpoint(&admitted.path)) {
-            // The Origin rule comes first: a foreign page never learns more than 403. Its
-            // refusal is on the MCP path too (profile and CORS headers), hence the default.
-            let checked = mcp.check_origin(req.headers());
-            let mut on_path = checked.clone().unwrap_or_default();
-            on_path.delete = req.method() == Method::DELETE;
-            ex.mcp = Some(on_path);
-            checked?;
-            req.headers_mut().remove(header::ORIGIN);
-        }
-        let (mut parts, body) = req.into_parts();
-        let public = self
-            .config
-            .auth
-            .public_paths
-            .iter()
-            .any(|p| p.matches(&admitted.path));
-        let verified = if public {
-            Verified::public()
-        } else {
-            // Never a ban keyed on a trusted proxy's own address: it stands for everyone behind it.
-            let ban_subject = (!ex.client_trusted).then_some(ex.client);
-            self.auth
-                .authenticate(
-                    &parts.headers,
-                    conn.client_cert.as_ref(),
-                    ex.client,
-                    ban_subject,
-                )
-                .await?
-        };
-        let identity = &verified.identity;
-        ex.record.identity = Some(identity.clone());
-        ex.cred = Some(identity.id());
         // A WebSocket over HTTP/2 (CONNECT) is judged as the GET it becomes toward the backend,
         // so one rule covers it over both HTTP versions.
         let method = match &admitted.upgrade {
-            Some((Upgrade::ExtendedConnect, _)) => &Method::GET,
-            _ => &parts.method,
+            Some((Upgrade::ExtendedConnect, _)) => Method::GET,
+            _ => req.method().clone(),
         };
-        Proxy::authorize(identity, method, &admitted.path)?;
-        if let (Some(mcp), Some(m)) = (&self.mcp, &mut ex.mcp) {
-            mcp.check_session(&parts.headers, m, identity.owner())?;
+        let verified = self
+            .judge(&method, &admitted.path, req.headers(), conn, ex)
+            .await?;
+        if ex.mcp.is_some() {
+            req.headers_mut().remove(header::ORIGIN);
         }
-        self.rate_limit(identity, ex).await?;
+        let (mut parts, body) = req.into_parts();
+        let identity = &verified.identity;
         let judged = self
             .judge_mcp(&mut parts, body, admitted.upgrade.is_some(), identity, ex)
             .await?;
@@ -433,6 +404,53 @@ impl Proxy {
             .await?;
         self.accept_upgrade(resp, admitted.upgrade, ex)
             .map(Answer::Backend)
+    }
+
+    /// Whether this client may make `method path` (normalised), and who it is: on the MCP path
+    /// the Origin rule first, then authentication (bans, then the credential), the key's allow
+    /// rules, the MCP session binding, the rate limit. The decision the proxy forwards on, and
+    /// forward auth's answer. Fails closed: the first refusal ends it.
+    pub(crate) async fn judge(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &http::HeaderMap,
+        conn: &ConnInfo,
+        ex: &mut Exchange,
+    ) -> Result<Verified, Reject> {
+        if let Some(mcp) = self.mcp.as_ref().filter(|m| m.is_endpoint(path)) {
+            // The Origin rule comes first: a foreign page never learns more than 403. Its
+            // refusal is on the MCP path too (profile and CORS headers), hence the default.
+            let checked = mcp.check_origin(headers);
+            let mut on_path = checked.clone().unwrap_or_default();
+            on_path.delete = method == Method::DELETE;
+            ex.mcp = Some(on_path);
+            checked?;
+        }
+        let public = self
+            .config
+            .auth
+            .public_paths
+            .iter()
+            .any(|p| p.matches(path));
+        let verified = if public {
+            Verified::public()
+        } else {
+            // Never a ban keyed on a trusted proxy's own address: it stands for everyone behind it.
+            let ban_subject = (!ex.client_trusted).then_some(ex.client);
+            self.auth
+                .authenticate(headers, conn.client_cert.as_ref(), ex.client, ban_subject)
+                .await?
+        };
+        let identity = &verified.identity;
+        ex.record.identity = Some(identity.clone());
+        ex.cred = Some(identity.id());
+        Proxy::authorize(identity, method, path)?;
+        if let (Some(mcp), Some(m)) = (&self.mcp, &mut ex.mcp) {
+            mcp.check_session(headers, m, identity.owner())?;
+        }
+        self.rate_limit(identity, ex).await?;
+        Ok(verified)
     }
 
     /// Under MCP tool rules (`[mcp] tool_policy`), on the MCP path: a POST's body is read

@@ -280,6 +280,37 @@ impl Accept {
 
 impl Accept {
     /// Serve plain HTTP/1.1 with `handler` (the admin and redirect listeners).
+    /// As [`Accept::http1`], with the connection's facts (the peer, for trusted proxies)
+    /// handed to the handler, and any response body.
+    pub fn http1_conn<H, Fut, B>(
+        self,
+        handler: H,
+    ) -> impl Fn(TcpStream, SocketAddr, Arc<Activity>, ConnSlot) -> BoxFuture + Clone
+    where
+        H: Fn(Request<Incoming>, Arc<ConnInfo>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<Response<B>, std::convert::Infallible>>
+            + Send
+            + 'static,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        move |stream: TcpStream, peer: SocketAddr, activity: Arc<Activity>, permit: ConnSlot| {
+            let info = Arc::new(ConnInfo::new(peer, activity.clone(), None, permit));
+            let io = TokioIo::new(ActivityIo::new(stream, activity.clone()));
+            let handler = handler.clone();
+            let svc = service_fn(move |req| handler(req, info.clone()));
+            let ctx = self.clone();
+            Box::pin(async move {
+                let mut b = hyper::server::conn::http1::Builder::new();
+                b.timer(TokioTimer::new())
+                    .header_read_timeout(ctx.header_read_timeout);
+                let conn = b.serve_connection(io, svc);
+                let stop = hyper::server::conn::http1::Connection::graceful_shutdown;
+                ctx.drive(conn, stop, &activity, peer).await;
+            })
+        }
+    }
+
     pub fn http1<H, Fut>(
         self,
         handler: H,

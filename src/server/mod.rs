@@ -37,6 +37,7 @@ pub struct Server {
     local_addr: SocketAddr,
     admin_addr: SocketAddr,
     redirect_addr: Option<SocketAddr>,
+    forward_auth_addr: Option<SocketAddr>,
     /// The served certificate, when the public listener terminates TLS.
     resolver: Option<Arc<CertResolver>>,
     /// Kept alive for as long as the server runs: certificate files, credential files.
@@ -53,6 +54,7 @@ struct Listeners {
     public: TcpListener,
     admin: TcpListener,
     redirect: Option<TcpListener>,
+    forward_auth: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -68,6 +70,10 @@ impl Listeners {
             admin: bind(s.admin_listen, "admin_listen ").await?,
             redirect: match s.redirect_http {
                 Some(addr) => Some(bind(addr, "redirect_http ").await?),
+                None => None,
+            },
+            forward_auth: match &config.forward_auth {
+                Some(f) => Some(bind(f.listen, "[forward_auth] listen ").await?),
                 None => None,
             },
         })
@@ -127,6 +133,10 @@ impl Server {
             admin_addr,
             redirect_addr: listeners
                 .redirect
+                .as_ref()
+                .and_then(|l| l.local_addr().ok()),
+            forward_auth_addr: listeners
+                .forward_auth
                 .as_ref()
                 .and_then(|l| l.local_addr().ok()),
             _watchers: watchers,
@@ -196,6 +206,9 @@ impl Server {
         if let Some(listener) = listeners.redirect {
             spawn_redirect(&ctx, listener, local_addr.port(), &config);
         }
+        if let (Some(listener), Some(fa)) = (listeners.forward_auth, &config.forward_auth) {
+            spawn_forward_auth(&ctx, listener, proxy.clone(), fa, &config);
+        }
 
         server
             .tracker
@@ -204,7 +217,7 @@ impl Server {
         for warning in &config.warnings {
             tracing::warn!("{warning}");
         }
-        tracing::info!(listen = %local_addr, admin = %admin_addr, upstream = %config.upstream.url, "portcullis listening");
+        tracing::info!(listen = %local_addr, admin = %admin_addr, forward_auth = server.forward_auth_addr.map(tracing::field::display), upstream = %config.upstream.url, "portcullis listening");
         Ok(server)
     }
 
@@ -219,6 +232,11 @@ impl Server {
     /// The redirect_http listener's address, if there is one.
     pub fn redirect_addr(&self) -> Option<SocketAddr> {
         self.redirect_addr
+    }
+
+    /// Where `[forward_auth]` listens, when configured.
+    pub fn forward_auth_addr(&self) -> Option<SocketAddr> {
+        self.forward_auth_addr
     }
 
     /// What serves certificates to new TLS handshakes, if TLS is on.
@@ -274,6 +292,28 @@ fn spawn_admin(ctx: &Accept, listener: TcpListener, admin: admin::Admin) {
         .http1(move |req| admin::handle(admin.clone(), req));
     ctx.tracker
         .spawn(admin_ctx.accept_loop(listener, "admin", serve));
+}
+
+/// Answer front proxies' authentication checks on `[forward_auth] listen`, under the public
+/// listener's connection limits (a check is as cheap to send as a request).
+fn spawn_forward_auth(
+    ctx: &Accept,
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    fa: &crate::forward_auth::ForwardAuthConfig,
+    config: &Config,
+) {
+    let fa_ctx = Accept {
+        limit: Arc::new(Semaphore::new(config.server.max_connections)),
+        gate: None,
+        ..ctx.clone()
+    };
+    let fa = Arc::new(fa.clone());
+    let serve = fa_ctx.clone().http1_conn(move |req, conn| {
+        crate::forward_auth::handle(proxy.clone(), fa.clone(), req, conn)
+    });
+    ctx.tracker
+        .spawn(fa_ctx.accept_loop(listener, "forward_auth", serve));
 }
 
 /// Answer every request on `redirect_http` with 308 to https on `https_port`, with the

@@ -5,6 +5,7 @@ mod auth_api_key;
 mod cli;
 mod connections;
 mod docs;
+mod forward_auth;
 mod forwarding;
 mod hardening;
 mod htpasswd;

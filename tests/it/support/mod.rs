@@ -358,6 +358,16 @@ impl Proxy {
         (dir, text)
     }
 
+    /// A URL on the `[forward_auth]` listener.
+    pub fn forward_auth_url(&self, path: &str) -> String {
+        let addr = self
+            .server
+            .as_ref()
+            .and_then(|s| s.forward_auth_addr())
+            .expect("[forward_auth] is configured");
+        format!("http://{addr}{path}")
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
