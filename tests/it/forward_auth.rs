@@ -355,3 +355,149 @@ async fn nginx_with_auth_request_lets_through_exactly_what_portcullis_would() {
     .await;
     assert_eq!(r.status, 200, "another client behind the same nginx");
 }
+
+/// Caddy with `forward_auth` in front of `backend`, asking the forward-auth listener at
+/// `check` (host:port), as examples/forward-auth/Caddyfile configures it. Killed on drop.
+struct Caddy {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Caddy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Caddy {
+    fn start(backend: &Backend, check: std::net::SocketAddr) -> Option<Caddy> {
+        let caddy = find_tool("caddy", "caddy")?;
+        let dir = tempfile::tempdir().unwrap();
+        let port = dead_addr().port();
+        let site = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/forward-auth/Caddyfile"
+        ))
+        .unwrap()
+        .replace("mcp.example.com", &format!("http://127.0.0.1:{port}"))
+        .replace("127.0.0.1:9902", &check.to_string())
+        .replace("127.0.0.1:8000", &backend.addr.to_string());
+        let file = dir.path().join("Caddyfile");
+        std::fs::write(&file, format!("{{\n\tadmin off\n}}\n{site}")).unwrap();
+        let child = std::process::Command::new(caddy)
+            .args(["run", "--adapter", "caddyfile", "--config"])
+            .arg(&file)
+            .env("HOME", dir.path())
+            .env("XDG_DATA_HOME", dir.path())
+            .env("XDG_CONFIG_HOME", dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "caddy did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(Caddy {
+            child,
+            port,
+            _dir: dir,
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+#[tokio::test]
+async fn caddy_with_forward_auth_lets_through_exactly_what_portcullis_would() {
+    let backend = Backend::ok().await;
+    let proxy = checker("").await;
+    let check = proxy.server.as_ref().unwrap().forward_auth_addr().unwrap();
+    let Some(caddy) = Caddy::start(&backend, check) else {
+        return;
+    };
+    let restricted = bearer(RESTRICTED_KEY);
+    let call = async |method: &str, path: &str, headers: &[(&str, &str)]| {
+        send(method, &caddy.url(path), headers, "").await
+    };
+
+    let r = call(
+        "GET",
+        "/api/models?page=2",
+        &[
+            ("authorization", &restricted),
+            ("x-authenticated-user", "admin"),
+            ("x-credential-fingerprint", "forged"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let seen = backend.take();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].target, "/api/models?page=2");
+    assert_eq!(seen[0].headers["x-authenticated-user"], "restricted");
+    assert_eq!(
+        seen[0].headers["x-credential-fingerprint"],
+        &sha256_hex(RESTRICTED_KEY)[..12]
+    );
+
+    // Refusals reach the client as portcullis wrote them: status, JSON body, challenge.
+    let r = call("GET", "/api/models", &[]).await;
+    assert_eq!(
+        (r.status.as_u16(), r.error_code().as_str()),
+        (401, "unauthorized")
+    );
+    assert!(r.headers["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .starts_with("Basic realm="));
+    let r = call("DELETE", "/api/models", &[("authorization", &restricted)]).await;
+    assert_eq!(
+        (r.status.as_u16(), r.error_code().as_str()),
+        (403, "forbidden")
+    );
+    let r = call("GET", "/x", &[("x-api-key", DISABLED_KEY)]).await;
+    assert_eq!(
+        (r.status.as_u16(), r.error_code().as_str()),
+        (401, "invalid_token")
+    );
+    // A client's own X-Original-URI, which Caddy passes on beside its X-Forwarded-Uri, is
+    // never what is judged.
+    let r = call(
+        "GET",
+        "/admin",
+        &[
+            ("authorization", &restricted),
+            ("x-original-uri", "/api/models"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    let alice = basic_auth("alice", PASSWORD);
+    let r = call(
+        "GET",
+        "/x",
+        &[
+            ("authorization", &alice),
+            ("x-credential-fingerprint", "forged"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let seen = backend.take();
+    assert_eq!(seen.len(), 1, "only alice's request arrived");
+    assert_eq!(seen[0].headers["x-authenticated-user"], "alice");
+    assert_ne!(
+        seen[0]
+            .headers
+            .get("x-credential-fingerprint")
+            .map(|v| v.as_bytes()),
+        Some(&b"forged"[..]),
+        "a password has no fingerprint, and the client's own never passes"
+    );
+}
