@@ -51,6 +51,7 @@ static X_FORWARDED_URI: HeaderName = HeaderName::from_static("x-forwarded-uri");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_ORIGINAL_METHOD: HeaderName = HeaderName::from_static("x-original-method");
 static X_ORIGINAL_URI: HeaderName = HeaderName::from_static("x-original-uri");
+static X_ORIGINAL_URL: HeaderName = HeaderName::from_static("x-original-url");
 
 /// The one value of a header; `Err` for two (which would the front proxy have meant?).
 fn single<'a>(h: &'a HeaderMap, name: &HeaderName) -> Result<Option<&'a HeaderValue>, Reject> {
@@ -69,7 +70,7 @@ pub fn describe<B>(
     convention: Convention,
 ) -> Result<Request<Empty<Bytes>>, Reject> {
     let h = check.headers();
-    let nginx = h.contains_key(&X_ORIGINAL_URI);
+    let nginx = h.contains_key(&X_ORIGINAL_URI) || h.contains_key(&X_ORIGINAL_URL);
     let forwarded = h.contains_key(&X_FORWARDED_URI);
     let use_nginx = match convention {
         Convention::Nginx => true,
@@ -82,11 +83,29 @@ pub fn describe<B>(
     } else {
         (&X_FORWARDED_METHOD, &X_FORWARDED_URI)
     };
-    let uri = single(h, uri_h)?
-        .and_then(|v| v.to_str().ok())
-        .filter(|u| u.starts_with('/'))
-        .and_then(|u| u.parse::<http::Uri>().ok())
-        .ok_or(Reject::BadRequest)?;
+    let path = |v: &HeaderValue| {
+        v.to_str()
+            .ok()
+            .filter(|u| u.starts_with('/'))
+            .and_then(|u| u.parse::<http::Uri>().ok())
+    };
+    // ingress-nginx sends the whole URL (`X-Original-URL`) instead of the path.
+    let mut host = None;
+    let uri = match (single(h, uri_h)?, use_nginx) {
+        (Some(v), _) => path(v),
+        (None, true) => single(h, &X_ORIGINAL_URL)?
+            .and_then(|v| v.to_str().ok())
+            .and_then(|u| u.parse::<http::Uri>().ok())
+            .filter(|u| u.scheme().is_some())
+            .and_then(|u| {
+                host = u
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+                u.path_and_query()?.as_str().parse::<http::Uri>().ok()
+            }),
+        (None, false) => None,
+    }
+    .ok_or(Reject::BadRequest)?;
     // nginx's subrequest keeps the client's method when the recipe does not name it.
     let method = match single(h, method_h)? {
         Some(v) => Method::from_bytes(v.as_bytes()).map_err(|_| Reject::BadRequest)?,
@@ -100,9 +119,10 @@ pub fn describe<B>(
     let headers = req.headers_mut();
     headers.clone_from(h);
     if !use_nginx {
-        if let Some(host) = single(h, &X_FORWARDED_HOST)? {
-            headers.insert(header::HOST, host.clone());
-        }
+        host = single(h, &X_FORWARDED_HOST)?.cloned();
+    }
+    if let Some(host) = host {
+        headers.insert(header::HOST, host);
     }
     Ok(req)
 }
@@ -195,6 +215,21 @@ mod tests {
         assert_eq!(
             check(Convention::Auto, &nginx).map(|d| (d.0, d.1)),
             Ok((Method::DELETE, "/mcp".into()))
+        );
+        // ingress-nginx: the whole URL.
+        assert_eq!(
+            check(
+                Convention::Auto,
+                &[
+                    ("x-original-method", "POST"),
+                    ("x-original-url", "https://mcp.example.com/mcp?x=1")
+                ]
+            ),
+            Ok((
+                Method::POST,
+                "/mcp?x=1".into(),
+                Some("mcp.example.com".into())
+            ))
         );
         // nginx without X-Original-Method: the subrequest's own method.
         assert_eq!(
