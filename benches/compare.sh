@@ -26,6 +26,11 @@
 #                    tools = ["search_*", "get_*"] (the body read whole, parsed strictly,
 #                    judged, forwarded as judged), one with the rules off; reports both and
 #                    the ratios of req/s and of CPU per request
+#   forward-auth     nginx deciding with portcullis' [forward_auth] listener (auth_request, the
+#                    recipe of examples/forward-auth/nginx-locations.conf, with a keep-alive
+#                    upstream for the checks) against nginx doing the apikey job's `map` check
+#                    itself; both nginx and portcullis on core 0, loaded in turn within each
+#                    round; CPU per request counts nginx and portcullis together
 #   noauth           no authentication (portcullis anonymous = true; nginx plain proxy_pass)
 #   idle10k          10,000 idle keep-alive connections held open: resident memory of each
 #                    proxy (RSS after minus before), not throughput
@@ -112,7 +117,7 @@ cleanup() {
 trap cleanup EXIT
 
 BACKEND_PORT=18180 NGINX_PORT=18181 PORTCULLIS_PORT=18182 ADMIN_PORT=18183 WS_PORT=18184
-OFF_PORT=18185 OFF_ADMIN_PORT=18186
+OFF_PORT=18185 OFF_ADMIN_PORT=18186 FA_PORT=18187
 
 nginx_conf() { # name, server block; NGINX_MAIN: more main-context directives
   mkdir -p "$work/$1"
@@ -287,7 +292,7 @@ for scenario in "${@:-basic-bcrypt10 noauth}"; do
         nginx_conf "$s-nginx" "server { listen 127.0.0.1:$NGINX_PORT; location / { auth_basic bench; auth_basic_user_file $dir/htpasswd; $PROXY_LOCATION } }"
         auth="htpasswd_file = \"$dir/htpasswd\""
         ;;
-      apikey|apikey-tls|idle10k|latency2k|websocket|instructions|reload10k|mcp|mcp-policy)
+      apikey|apikey-tls|idle10k|latency2k|websocket|instructions|reload10k|mcp|mcp-policy|forward-auth)
         printf '[[keys]]\nname = "bench"\napi_key = "%s"\n' "$KEY" > "$dir/keys.toml"
         if [ "$s" = mcp ] || [ "$s" = mcp-policy ]; then
           urlpath=mcp
@@ -429,6 +434,41 @@ EOF
         "$s" "$s_max" "$s_reloads" "$s_p99" "$s_n" "$q_max" "$q_p99" "${taken:-?}"
       printf '| %s | | | | | | worst request during %s reloads of 10,000 keys: %s µs (p99 %s); without reloads: %s µs (p99 %s) | | |\n' \
         "$s" "$s_reloads" "$s_max" "$s_p99" "$q_max" "$q_p99" >> "$report"
+      stop_all_but_backend
+      continue
+    fi
+    if [ "$s" = forward-auth ]; then
+      printf '[forward_auth]\nlisten = "127.0.0.1:%s"\n' "$FA_PORT" >> "$dir/proxy.toml"
+      sed -i 's/^max_connections_per_ip = 20000/&\ntrusted_proxies = ["127.0.0.1\/32"]/' "$dir/proxy.toml"
+      recipe=$(sed -e "s#http://127.0.0.1:9902/auth#http://portcullis_check/auth;\n        proxy_http_version 1.1;\n        proxy_set_header Connection \"\"#" \
+        examples/forward-auth/nginx-locations.conf)
+      recipe=${recipe/proxy_pass http:\/\/backend;/$PROXY_LOCATION}
+      NGINX_MAIN="" nginx_conf "$s-auth-request" "upstream portcullis_check { server 127.0.0.1:$FA_PORT; keepalive 64; }
+        server { listen 127.0.0.1:$OFF_PORT; $recipe }"
+      start 0 "$NGINX" -c "$work/$s-nginx/nginx.conf"; map_pid=${pids[-1]}
+      start 0 "$NGINX" -c "$work/$s-auth-request/nginx.conf"; ar_pid=${pids[-1]}
+      start 0 "$PORTCULLIS" --config "$dir/proxy.toml"; fa_pid=${pids[-1]}
+      wait_port $NGINX_PORT; wait_port $OFF_PORT; wait_port $FA_PORT
+      run() { rps "$1/" "${auth_header[@]}"; }
+      DURATION=1s run "http://127.0.0.1:$NGINX_PORT" >/dev/null
+      DURATION=1s run "http://127.0.0.1:$OFF_PORT" >/dev/null
+      : > "$dir/map"; : > "$dir/ar"
+      for _ in $(seq "$ROUNDS"); do
+        idle_gate; with_cpu "$map_pid" run "http://127.0.0.1:$NGINX_PORT" >> "$dir/map"
+        idle_gate
+        b1=$(cpu_ticks "$ar_pid"); b2=$(cpu_ticks "$fa_pid")
+        line=$(run "http://127.0.0.1:$OFF_PORT")
+        a1=$(cpu_ticks "$ar_pid"); a2=$(cpu_ticks "$fa_pid")
+        echo "$line $(echo "($a1 - $b1 + $a2 - $b2) * $TICK_US / (${line%% *} * ${DURATION%s})" | bc -l) $(echo "($a2 - $b2) * $TICK_US / (${line%% *} * ${DURATION%s})" | bc -l)" >> "$dir/ar"
+      done
+      col() { awk -v c="$2" '{print $c}' "$1" | median; }
+      m=$(col "$dir/map" 1); a=$(col "$dir/ar" 1)
+      mcpu=$(printf '%.1f' "$(col "$dir/map" 4)"); acpu=$(printf '%.1f' "$(col "$dir/ar" 4)"); pcpu=$(printf '%.1f' "$(col "$dir/ar" 5)")
+      rr=$(paste -d' ' "$dir/map" "$dir/ar" | awk '{print $5 / $1}' | median)
+      printf '%-14s nginx map check %.0f req/s (%s/%s µs p50/p99, %s CPU µs/req); nginx + auth_request + portcullis %.0f req/s (%s/%s µs, %s CPU µs/req, of which portcullis %s): %.2fx req/s (median of per-round ratios); portcullis decisions/s: %.0f\n' \
+        "$s" "$m" "$(col "$dir/map" 2)" "$(col "$dir/map" 3)" "$mcpu" "$a" "$(col "$dir/ar" 2)" "$(col "$dir/ar" 3)" "$acpu" "$pcpu" "$rr" "$a"
+      printf '| %s | | nginx map: %.0f | nginx + auth_request + portcullis: %.0f | %.2f× | %s / %s | %s / %s | %s | %s (portcullis %s) |\n' \
+        "$s" "$m" "$a" "$rr" "$(col "$dir/map" 2)" "$(col "$dir/map" 3)" "$(col "$dir/ar" 2)" "$(col "$dir/ar" 3)" "$mcpu" "$acpu" "$pcpu" >> "$report"
       stop_all_but_backend
       continue
     fi
