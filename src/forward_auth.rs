@@ -6,7 +6,7 @@
 //! `X-Forwarded-Uri`, `X-Forwarded-Host`, `X-Forwarded-Proto` (Traefik, Caddy) or
 //! `X-Original-Method` / `X-Original-URI` (nginx). Its path is normalised as a proxied one,
 //! and everything else (credentials, allow rules, limits, bans, the MCP profile) is the
-//! proxy's own judgment ([`crate::proxy::Proxy::decide`]). The client is the front proxy's
+//! proxy's own judgment (`Proxy::decide`; the listener is served from `server/`). The client is the front proxy's
 //! client, read from `X-Forwarded-For` only when the front proxy is one of `trusted_proxies`.
 //!
 //! Fails closed: a check that describes no request, describes it twice (a header repeated),
@@ -14,16 +14,11 @@
 //! own copy of the other convention's headers on) is refused with 400; anything but the check
 //! path is 404 and nothing is forwarded.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{Empty, Full};
-use hyper::body::Incoming;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request};
+use http_body_util::Empty;
 
-use crate::conn::ConnInfo;
 use crate::error::Reject;
-use crate::proxy::{LoggedBody, Proxy, ResponseBody};
 
 /// Which headers describe the request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -125,49 +120,6 @@ pub fn describe<B>(
         headers.insert(header::HOST, host);
     }
     Ok(req)
-}
-
-/// Serve one request on the forward-auth listener.
-pub async fn handle(
-    proxy: Arc<Proxy>,
-    config: Arc<ForwardAuthConfig>,
-    check: Request<Incoming>,
-    conn: Arc<ConnInfo>,
-) -> Result<Response<ResponseBody>, std::convert::Infallible> {
-    let path = check.uri().path();
-    if path == "/healthz" {
-        return Ok(plain(StatusCode::OK, "ok\n"));
-    }
-    if path != config.path {
-        return Ok(plain(
-            StatusCode::NOT_FOUND,
-            "{\"error\":\"not_found\",\"message\":\"This listener answers authentication checks only.\"}\n",
-        ));
-    }
-    let resp = match describe(&check, config.convention) {
-        Ok(described) => proxy.decide(described, &conn, None).await,
-        Err(reject) => {
-            tracing::debug!(peer = %conn.peer, "a forward-auth check that describes no usable request");
-            let mut blank = Request::new(Empty::new());
-            *blank.uri_mut() = check.uri().clone();
-            proxy.decide(blank, &conn, Some(reject)).await
-        }
-    };
-    Ok(resp)
-}
-
-fn plain(status: StatusCode, body: &'static str) -> Response<ResponseBody> {
-    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(if body.starts_with('{') {
-            "application/json"
-        } else {
-            "text/plain"
-        }),
-    );
-    resp.map(LoggedBody::own)
 }
 
 #[cfg(test)]

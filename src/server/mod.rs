@@ -7,6 +7,7 @@
 
 mod accept;
 mod admin;
+mod forward_auth;
 mod redirect;
 
 use std::net::SocketAddr;
@@ -309,9 +310,9 @@ fn spawn_forward_auth(
         ..ctx.clone()
     };
     let fa = Arc::new(fa.clone());
-    let serve = fa_ctx.clone().http1_conn(move |req, conn| {
-        crate::forward_auth::handle(proxy.clone(), fa.clone(), req, conn)
-    });
+    let serve = fa_ctx
+        .clone()
+        .http1_conn(move |req, conn| forward_auth::handle(proxy.clone(), fa.clone(), req, conn));
     ctx.tracker
         .spawn(fa_ctx.accept_loop(listener, "forward_auth", serve));
 }

@@ -501,3 +501,52 @@ async fn caddy_with_forward_auth_lets_through_exactly_what_portcullis_would() {
         "a password has no fingerprint, and the client's own never passes"
     );
 }
+
+#[tokio::test]
+async fn on_the_mcp_path_a_check_gets_the_mcp_profile() {
+    let proxy =
+        checker("[mcp]\npath = \"/mcp\"\nallowed_origins = [\"https://claude.ai\"]\n").await;
+    let r = traefik(&proxy, "POST", "/mcp", &[]).await;
+    assert_eq!(r.status, 401);
+    let challenges: Vec<_> = r
+        .headers
+        .get_all("www-authenticate")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        challenges[0], "Bearer realm=\"portcullis\"",
+        "{challenges:?}"
+    );
+    assert!(challenges[1].starts_with("Basic realm="));
+    assert!(r.headers.contains_key("access-control-expose-headers"));
+    let r = traefik(
+        &proxy,
+        "POST",
+        "/mcp",
+        &[
+            ("authorization", &bearer(PROD_KEY)),
+            ("origin", "https://evil.example"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (r.status.as_u16(), r.error_code().as_str()),
+        (403, "forbidden_origin")
+    );
+    let r = traefik(
+        &proxy,
+        "POST",
+        "/mcp",
+        &[
+            ("authorization", &bearer(PROD_KEY)),
+            ("origin", "https://claude.ai"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.headers["access-control-allow-origin"],
+        "https://claude.ai"
+    );
+}
