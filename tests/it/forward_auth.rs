@@ -200,23 +200,47 @@ async fn bans_follow_the_front_proxy_s_client() {
     assert_eq!(r.status, 200, "another client behind the same front proxy");
 }
 
-/// nginx with `auth_request` in front of `backend`, asking `proxy`'s forward-auth listener,
-/// as docs/forward-auth.md configures it. Killed on drop.
-struct Nginx {
+/// A real front proxy (nginx or Caddy) in front of a test backend, on `port`; killed on drop.
+struct Front {
     child: std::process::Child,
     port: u16,
     _dir: tempfile::TempDir,
 }
 
-impl Drop for Nginx {
+impl Drop for Front {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-impl Nginx {
-    fn start(backend: &Backend, check: &str) -> Option<Nginx> {
+impl Front {
+    /// Run `cmd` and wait (15 s at most) until it listens on `port`.
+    fn spawn(mut cmd: std::process::Command, port: u16, dir: tempfile::TempDir) -> Front {
+        let child = cmd.spawn().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{cmd:?} did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Front {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// nginx with `auth_request` in front of `backend`, asking the forward-auth listener at
+    /// `check` (a URL), as examples/forward-auth/nginx-locations.conf configures it (one
+    /// process: a master killed would leave its worker behind).
+    fn nginx(backend: &Backend, check: &str) -> Option<Front> {
         let nginx = find_tool("nginx", "nginx")?;
         let dir = tempfile::tempdir().unwrap();
         let port = dead_addr().port();
@@ -236,28 +260,39 @@ impl Nginx {
                server {{\n    listen 127.0.0.1:{port};\n{recipe}\n  }}\n}}\n"
         );
         std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
-        let child = std::process::Command::new(nginx)
-            .arg("-c")
+        let mut cmd = std::process::Command::new(nginx);
+        cmd.arg("-c")
             .arg(dir.path().join("nginx.conf"))
             .arg("-e")
-            .arg(dir.path().join("error.log"))
-            .stderr(std::process::Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "nginx did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(Nginx {
-            child,
-            port,
-            _dir: dir,
-        })
+            .arg(dir.path().join("error.log"));
+        Some(Front::spawn(cmd, port, dir))
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+    /// Caddy with `forward_auth` in front of `backend`, asking the forward-auth listener at
+    /// `check`, as examples/forward-auth/Caddyfile configures it.
+    fn caddy(backend: &Backend, check: std::net::SocketAddr) -> Option<Front> {
+        let caddy = find_tool("caddy", "caddy")?;
+        let dir = tempfile::tempdir().unwrap();
+        let port = dead_addr().port();
+        let site = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/forward-auth/Caddyfile"
+        ))
+        .unwrap()
+        .replace("mcp.example.com", &format!("http://127.0.0.1:{port}"))
+        .replace("127.0.0.1:9902", &check.to_string())
+        .replace("127.0.0.1:8000", &backend.addr.to_string());
+        let file = dir.path().join("Caddyfile");
+        std::fs::write(&file, format!("{{\n\tadmin off\n}}\n{site}")).unwrap();
+        let mut cmd = std::process::Command::new(caddy);
+        cmd.args(["run", "--adapter", "caddyfile", "--config"])
+            .arg(&file)
+            .env("HOME", dir.path())
+            .env("XDG_DATA_HOME", dir.path())
+            .env("XDG_CONFIG_HOME", dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        Some(Front::spawn(cmd, port, dir))
     }
 }
 
@@ -265,7 +300,7 @@ impl Nginx {
 async fn nginx_with_auth_request_lets_through_exactly_what_portcullis_would() {
     let backend = Backend::ok().await;
     let proxy = checker("[ban]\nfailures = 3\n").await;
-    let Some(nginx) = Nginx::start(&backend, &proxy.forward_auth_url("/auth")) else {
+    let Some(nginx) = Front::nginx(&backend, &proxy.forward_auth_url("/auth")) else {
         return;
     };
     let restricted = bearer(RESTRICTED_KEY);
@@ -356,69 +391,12 @@ async fn nginx_with_auth_request_lets_through_exactly_what_portcullis_would() {
     assert_eq!(r.status, 200, "another client behind the same nginx");
 }
 
-/// Caddy with `forward_auth` in front of `backend`, asking the forward-auth listener at
-/// `check` (host:port), as examples/forward-auth/Caddyfile configures it. Killed on drop.
-struct Caddy {
-    child: std::process::Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Caddy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Caddy {
-    fn start(backend: &Backend, check: std::net::SocketAddr) -> Option<Caddy> {
-        let caddy = find_tool("caddy", "caddy")?;
-        let dir = tempfile::tempdir().unwrap();
-        let port = dead_addr().port();
-        let site = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/examples/forward-auth/Caddyfile"
-        ))
-        .unwrap()
-        .replace("mcp.example.com", &format!("http://127.0.0.1:{port}"))
-        .replace("127.0.0.1:9902", &check.to_string())
-        .replace("127.0.0.1:8000", &backend.addr.to_string());
-        let file = dir.path().join("Caddyfile");
-        std::fs::write(&file, format!("{{\n\tadmin off\n}}\n{site}")).unwrap();
-        let child = std::process::Command::new(caddy)
-            .args(["run", "--adapter", "caddyfile", "--config"])
-            .arg(&file)
-            .env("HOME", dir.path())
-            .env("XDG_DATA_HOME", dir.path())
-            .env("XDG_CONFIG_HOME", dir.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "caddy did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(Caddy {
-            child,
-            port,
-            _dir: dir,
-        })
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-}
-
 #[tokio::test]
 async fn caddy_with_forward_auth_lets_through_exactly_what_portcullis_would() {
     let backend = Backend::ok().await;
     let proxy = checker("").await;
     let check = proxy.server.as_ref().unwrap().forward_auth_addr().unwrap();
-    let Some(caddy) = Caddy::start(&backend, check) else {
+    let Some(caddy) = Front::caddy(&backend, check) else {
         return;
     };
     let restricted = bearer(RESTRICTED_KEY);
