@@ -4,10 +4,11 @@
 //!
 //! The request judged is the one the front proxy describes: `X-Forwarded-Method`,
 //! `X-Forwarded-Uri`, `X-Forwarded-Host`, `X-Forwarded-Proto` (Traefik, Caddy) or
-//! `X-Original-Method` / `X-Original-URI` (nginx). Its path is normalised as a proxied one,
-//! and everything else (credentials, allow rules, limits, bans, the MCP profile) is the
-//! proxy's own judgment (`Proxy::decide`; the listener is served from `server/`). The client is the front proxy's
-//! client, read from `X-Forwarded-For` only when the front proxy is one of `trusted_proxies`.
+//! `X-Original-Method` / `X-Original-URI` or `-URL` (nginx, ingress-nginx). Its path is
+//! normalised as a proxied one, and everything else (credentials, allow rules, limits, bans,
+//! the MCP profile) is the proxy's own judgment (`Proxy::decide`; the listener is served from
+//! `server/`). The client is the front proxy's client, read from `X-Forwarded-For` only when
+//! the front proxy is one of `trusted_proxies`.
 //!
 //! Fails closed: a check that describes no request, describes it twice (a header repeated),
 //! or, under `convention = "auto"`, carries both conventions (a front proxy passes a client's
