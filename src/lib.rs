@@ -4,6 +4,7 @@
 //! command drive a [`Server`] in-process.
 
 pub mod access_log;
+pub mod affinity;
 pub mod auth;
 pub mod authz;
 pub mod ban;
