@@ -20,12 +20,7 @@ fn check_reports_every_mistake_with_file_line_and_column() {
         "[server]\nlisten = \"0.0.0.0\"\nidle_timout = \"5s\"\n\n[upstream]\nurl = \"http://127.0.0.1:9\"\nresponse_timeout = \"forever\"\n\n[auth]\nkeys_file = \"keys.toml\"\npublic_paths = [\"health\"]\n",
     )
     .unwrap();
-    let out = bin()
-        .arg("check")
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = check_config(&config);
     assert!(!out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = stdout.lines().collect();
@@ -58,12 +53,7 @@ fn check_prints_ok_for_a_valid_config() {
         "[upstream]\nurl = \"http://127.0.0.1:9\"\n[auth]\nkeys_file = \"keys.toml\"\n",
     )
     .unwrap();
-    let out = bin()
-        .arg("check")
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = check_config(&config);
     assert!(
         out.status.success(),
         "{}",
@@ -81,12 +71,7 @@ fn the_example_config_is_valid() {
             .unwrap();
     std::fs::write(dir.path().join("proxy.toml"), example).unwrap();
     std::fs::write(dir.path().join("keys.toml"), keys_file()).unwrap();
-    let out = bin()
-        .arg("check")
-        .arg("--config")
-        .arg(dir.path().join("proxy.toml"))
-        .output()
-        .unwrap();
+    let out = check_config(dir.path().join("proxy.toml"));
     assert!(
         out.status.success(),
         "{}",
@@ -103,12 +88,7 @@ fn every_shipped_example_passes_check() {
         if !config.exists() {
             continue;
         }
-        let out = bin()
-            .arg("check")
-            .arg("--config")
-            .arg(&config)
-            .output()
-            .unwrap();
+        let out = check_config(&config);
         assert!(
             out.status.success(),
             "{}: {}",
@@ -372,12 +352,7 @@ fn the_kubernetes_example_config_passes_check_with_its_secrets_mounted() {
     let path = mount("config").join("proxy.toml");
     let prefix = format!("{}/", root.path().display());
     std::fs::write(&path, config.replace("/etc/portcullis/", &prefix)).unwrap();
-    let out = bin()
-        .arg("check")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = check_config(&path);
     assert!(
         out.status.success(),
         "{}{}",

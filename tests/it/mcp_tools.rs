@@ -180,10 +180,7 @@ async fn each_identity_lists_and_calls_exactly_its_tools_through_the_python_clie
 
 #[tokio::test]
 async fn the_typescript_client_lists_only_its_tools_and_reads_a_refusal_as_the_calls_error() {
-    if !installed(
-        "npm ci in tests/peers",
-        &peers().join("node_modules/@modelcontextprotocol/sdk"),
-    ) {
+    if !ts_sdk_installed() {
         return;
     }
     let Some(server) = McpServer::start(false) else {
@@ -691,12 +688,7 @@ fn check_names_each_tool_rule_mistake_with_its_position() {
     let dir = tempfile::tempdir().unwrap();
     let check = |config: &str| {
         std::fs::write(dir.path().join("proxy.toml"), config).unwrap();
-        let out = bin()
-            .arg("check")
-            .arg("--config")
-            .arg(dir.path().join("proxy.toml"))
-            .output()
-            .unwrap();
+        let out = check_config(dir.path().join("proxy.toml"));
         assert!(!out.status.success());
         String::from_utf8_lossy(&out.stdout).into_owned()
     };

@@ -774,10 +774,7 @@ async fn the_official_mcp_python_client_signs_in_knowing_only_the_url() {
 #[tokio::test]
 async fn the_official_mcp_typescript_client_signs_in_knowing_only_the_url() {
     let Some(idp) = Idp::start() else { return };
-    if !installed(
-        "npm ci in tests/peers",
-        &peers().join("node_modules/@modelcontextprotocol/sdk"),
-    ) {
+    if !ts_sdk_installed() {
         return;
     }
     let Some(server) = McpServer::start(false) else {

@@ -449,14 +449,7 @@ fn check_refuses_a_mismatched_key_and_warns_of_expiry() {
     std::fs::write(dir.path().join("keys.toml"), keys_file()).unwrap();
     let config = dir.path().join("proxy.toml");
     std::fs::write(&config, "[tls]\ncert = \"tls.crt\"\nkey = \"tls.key\"\n[upstream]\nurl = \"http://127.0.0.1:9\"\n[auth]\nkeys_file = \"keys.toml\"\n").unwrap();
-    let check = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .arg("check")
-            .arg("--config")
-            .arg(&config)
-            .output()
-            .unwrap()
-    };
+    let check = || check_config(&config);
     let server = pki.server();
     std::fs::write(dir.path().join("tls.crt"), &server.cert).unwrap();
     std::fs::write(dir.path().join("tls.key"), pki.server().key).unwrap();

@@ -24,6 +24,16 @@ pub fn lines_of(from: impl std::io::Read + Send + 'static) -> std::sync::mpsc::R
 
 /// The binary, running `config` written as `dir/proxy.toml` (its `[log]` must say
 /// `format = "json"`): the process, its stderr lines, and the address it listens on.
+/// `portcullis check --config CONFIG`, run to its end.
+pub fn check_config(config: impl AsRef<std::path::Path>) -> std::process::Output {
+    bin()
+        .arg("check")
+        .arg("--config")
+        .arg(config.as_ref())
+        .output()
+        .unwrap()
+}
+
 pub struct Running {
     pub child: std::process::Child,
     pub addr: std::net::SocketAddr,

@@ -193,3 +193,11 @@ pub async fn client_line(mut cmd: tokio::process::Command) -> serde_json::Value 
     });
     serde_json::from_str(line).unwrap()
 }
+
+/// The official MCP TypeScript SDK, installed by `npm ci` in tests/peers (loud when missing).
+pub fn ts_sdk_installed() -> bool {
+    installed(
+        "npm ci in tests/peers",
+        &peers().join("node_modules/@modelcontextprotocol/sdk"),
+    )
+}
