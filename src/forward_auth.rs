@@ -49,13 +49,9 @@ static X_ORIGINAL_METHOD: HeaderName = HeaderName::from_static("x-original-metho
 static X_ORIGINAL_URI: HeaderName = HeaderName::from_static("x-original-uri");
 static X_ORIGINAL_URL: HeaderName = HeaderName::from_static("x-original-url");
 
-/// The one value of a header; `Err` for two (which would the front proxy have meant?).
+/// The one value of a header; two (which would the front proxy have meant?) are refused.
 fn single<'a>(h: &'a HeaderMap, name: &HeaderName) -> Result<Option<&'a HeaderValue>, Reject> {
-    let mut all = h.get_all(name).iter();
-    match (all.next(), all.next()) {
-        (v, None) => Ok(v),
-        (_, Some(_)) => Err(Reject::BadRequest),
-    }
+    crate::headers::single(h, name).map_err(|_| Reject::BadRequest)
 }
 
 /// The request a check describes, as a request the proxy can judge: the described method and

@@ -42,6 +42,24 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::PROXY_AUTHENTICATE,
 ];
 
+/// A header sent more than once where one value is expected (which copy would the next hop
+/// read?).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Repeated;
+
+/// The one value of `name`, if any. Fails closed: two copies are `Err(Repeated)`, never the
+/// first of them.
+pub fn single<'a>(
+    headers: &'a HeaderMap,
+    name: &HeaderName,
+) -> Result<Option<&'a HeaderValue>, Repeated> {
+    let mut all = headers.get_all(name).iter();
+    match (all.next(), all.next()) {
+        (v, None) => Ok(v),
+        (_, Some(_)) => Err(Repeated),
+    }
+}
+
 /// Remove every header `names` lists that the map holds: one pass over the names present
 /// (a request carries a handful), then one removal for each found, instead of a hashed
 /// lookup for every name listed.

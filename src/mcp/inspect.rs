@@ -22,6 +22,7 @@ use crate::access_log::Record;
 use crate::auth::Identity;
 use crate::authz::McpKind;
 use crate::error::{jsonrpc_error, Reject, RPC_DENIED, RPC_HEADER_MISMATCH, RPC_LIMITED};
+use crate::headers::single;
 use crate::metrics::{McpCallLabels, Metrics, ReasonLabels};
 
 static MCP_METHOD: HeaderName = HeaderName::from_static("mcp-method");
@@ -42,15 +43,6 @@ where
         Ok(Err(e)) if e.is::<LengthLimitError>() => Err(Reject::PayloadTooLarge),
         Ok(Err(_)) => Err(Reject::BadRequest),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
-    }
-}
-
-/// The one value of a header; `Err` for two copies (which would the backend read?).
-fn single<'a>(h: &'a HeaderMap, name: &HeaderName) -> Result<Option<&'a HeaderValue>, ()> {
-    let mut all = h.get_all(name).iter();
-    match (all.next(), all.next()) {
-        (v, None) => Ok(v),
-        (_, Some(_)) => Err(()),
     }
 }
 

@@ -225,10 +225,9 @@ impl Mcp {
     /// The `Origin` rule for a request on the MCP path: absent is fine, allowed is echoed,
     /// anything else is refused.
     pub fn check_origin(&self, headers: &HeaderMap) -> Result<McpRequest, Reject> {
-        let mut origins = headers.get_all(header::ORIGIN).iter();
-        match (origins.next(), origins.next()) {
-            (None, _) => Ok(McpRequest::default()),
-            (Some(o), None) if self.origin_allowed(o) => Ok(McpRequest {
+        match crate::headers::single(headers, &header::ORIGIN) {
+            Ok(None) => Ok(McpRequest::default()),
+            Ok(Some(o)) if self.origin_allowed(o) => Ok(McpRequest {
                 allowed_origin: Some(o.clone()),
                 ..McpRequest::default()
             }),
@@ -340,11 +339,9 @@ impl Mcp {
         req: &mut McpRequest,
         owner: Option<String>,
     ) -> Result<(), Reject> {
-        let mut ids = headers.get_all(&MCP_SESSION_ID).iter();
-        let id = match (ids.next(), ids.next()) {
-            (_, Some(_)) => return Err(Reject::BadRequest),
-            (id, None) => id.cloned(),
-        };
+        let id = crate::headers::single(headers, &MCP_SESSION_ID)
+            .map_err(|_| Reject::BadRequest)?
+            .cloned();
         if let (Some(id), Some(owner)) = (&id, &owner) {
             if !self.sessions.allows(id, owner) {
                 tracing::warn!(event = "mcp_session_mismatch", identity = %owner, "an MCP session issued to another identity was presented: 404");
