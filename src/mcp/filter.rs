@@ -118,11 +118,6 @@ impl ListFilter {
         }
         changed.then_some(())
     }
-
-    /// Whether the rules restrict any list (else the answer needs no rewriting).
-    pub fn restricts(&self) -> bool {
-        self.rules.is_some()
-    }
 }
 
 /// Why a filtered answer was cut.

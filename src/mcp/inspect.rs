@@ -168,8 +168,8 @@ pub fn list_filter(policy: &Policy, identity: &Identity, metrics: &Metrics) -> L
     }
 }
 
-/// Judge one POST body from `identity` (`owner`: its `kind:name`). The call's audit record
-/// is left in `call` whatever the verdict.
+/// Judge one POST body from `identity`. The call's audit record is left in `call` whatever
+/// the verdict.
 pub async fn judge(
     policy: &Policy,
     identity: &Identity,
@@ -178,22 +178,24 @@ pub async fn judge(
     metrics: &Metrics,
     call: &mut Option<CallRecord>,
 ) -> Result<Judged, Reject> {
-    let invalid = |reason: &'static str| {
+    let count = |reason: &'static str| {
         metrics
             .mcp_invalid
             .get_or_create(&ReasonLabels { reason })
             .inc();
+    };
+    let invalid = |reason: &'static str| {
+        count(reason);
         Reject::InvalidJsonRpc(reason)
     };
     let mut message = jsonrpc::parse(&body).map_err(|r| invalid(r.reason()))?;
-    message.target().map_err(|r| invalid(r.reason()))?;
+    // What a call names, owned: the message is taken apart below.
+    let target = message
+        .target()
+        .map_err(|r| invalid(r.reason()))?
+        .map(|(kind, name)| (kind, name.to_string()));
     if !headers_agree(headers, &message) {
-        metrics
-            .mcp_invalid
-            .get_or_create(&ReasonLabels {
-                reason: "header_mismatch",
-            })
-            .inc();
+        count("header_mismatch");
         let id = match &message {
             Message::Request { id, .. } | Message::Response { id } => Some(id),
             Message::Notification { .. } => None,
@@ -216,10 +218,9 @@ pub async fn judge(
             return Ok(judged);
         }
     }
-    let Ok(Some((kind, name))) = message.target() else {
+    let Some((kind, name)) = target else {
         return Ok(judged);
     };
-    let name = name.to_string();
     let what = match kind {
         McpKind::Tool => "Tool",
         McpKind::Prompt => "Prompt",
