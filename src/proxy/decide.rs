@@ -39,14 +39,7 @@ impl Proxy {
             }
             Err(reject) => self.refusal(&reject, &mut ex),
         };
-        if let (Some(mcp), Some(r)) = (&self.mcp, &ex.mcp) {
-            mcp.cors(resp.headers_mut(), r);
-        }
-        if let Some(decision) = &ex.rate {
-            for (name, value) in decision.headers() {
-                resp.headers_mut().insert(name.clone(), value);
-            }
-        }
+        self.judgment_headers(resp.headers_mut(), &ex);
         self.finish_local(resp, ex)
     }
 

@@ -192,17 +192,10 @@ impl Proxy {
         };
         resp.headers_mut()
             .insert(X_REQUEST_ID.clone(), ex.record.request_id.value().clone());
-        if let (Some(mcp), Some(req)) = (&self.mcp, &ex.mcp) {
-            if ex.record.outcome == "ok" {
-                mcp.answered(req, resp.status(), resp.headers());
-            }
-            mcp.cors(resp.headers_mut(), req);
+        if let (Some(mcp), Some(req), "ok") = (&self.mcp, &ex.mcp, ex.record.outcome) {
+            mcp.answered(req, resp.status(), resp.headers());
         }
-        if let Some(decision) = &ex.rate {
-            for (name, value) in decision.headers() {
-                resp.headers_mut().insert(name.clone(), value);
-            }
-        }
+        self.judgment_headers(resp.headers_mut(), &ex);
         headers::secure_response(resp.headers_mut(), &self.config.headers, self.tls);
         ex.record.status = resp.status().as_u16();
         if let Some((client, upstream)) = ex.tunnel.take() {
@@ -231,6 +224,19 @@ impl Proxy {
             watch: guard.map(|g| Watch::new(g, limits)),
             idle_limit: self.limits.idle,
         }))
+    }
+
+    /// What an answer says of the judgment behind it, proxied or forward auth's: the MCP
+    /// path's CORS headers, and the `RateLimit` headers of a checked request.
+    fn judgment_headers(&self, h: &mut http::HeaderMap, ex: &Exchange) {
+        if let (Some(mcp), Some(req)) = (&self.mcp, &ex.mcp) {
+            mcp.cors(h, req);
+        }
+        if let Some(decision) = &ex.rate {
+            for (name, value) in decision.headers() {
+                h.insert(name.clone(), value);
+            }
+        }
     }
 
     /// Drop full rate-limit buckets (the clients' and the MCP tools').
