@@ -4,14 +4,15 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response, StatusCode};
-use http_body_util::{Empty, Full};
+use http::{Request, Response, StatusCode};
+use http_body_util::Empty;
 use hyper::body::Incoming;
 
 use crate::conn::ConnInfo;
 use crate::forward_auth::{describe, ForwardAuthConfig};
 use crate::proxy::{LoggedBody, Proxy, ResponseBody};
+
+use super::text_response;
 
 /// Serve one request on the forward-auth listener.
 pub async fn handle(
@@ -22,13 +23,14 @@ pub async fn handle(
 ) -> Result<Response<ResponseBody>, std::convert::Infallible> {
     let path = check.uri().path();
     if path == "/healthz" {
-        return Ok(plain(StatusCode::OK, "ok\n"));
+        return Ok(text_response(StatusCode::OK, "text/plain", "ok\n".into()).map(LoggedBody::own));
     }
     if path != config.path {
-        return Ok(plain(
-            StatusCode::NOT_FOUND,
-            "{\"error\":\"not_found\",\"message\":\"This listener answers authentication checks only.\"}\n",
-        ));
+        let body = "{\"error\":\"not_found\",\"message\":\"This listener answers authentication checks only.\"}\n";
+        return Ok(
+            text_response(StatusCode::NOT_FOUND, "application/json", body.into())
+                .map(LoggedBody::own),
+        );
     }
     let resp = match describe(&check, config.convention) {
         Ok(described) => proxy.decide(described, &conn, None).await,
@@ -40,18 +42,4 @@ pub async fn handle(
         }
     };
     Ok(resp)
-}
-
-fn plain(status: StatusCode, body: &'static str) -> Response<ResponseBody> {
-    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(if body.starts_with('{') {
-            "application/json"
-        } else {
-            "text/plain"
-        }),
-    );
-    resp.map(LoggedBody::own)
 }
