@@ -4,7 +4,6 @@
 //! command drive a [`Server`] in-process.
 
 pub mod access_log;
-pub mod affinity;
 pub mod auth;
 pub mod authz;
 pub mod ban;
@@ -29,6 +28,7 @@ pub mod sdnotify;
 pub mod server;
 pub mod streams;
 pub mod tls;
+pub mod upstream;
 
 pub use config::Config;
 pub use server::Server;

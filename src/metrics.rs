@@ -66,6 +66,8 @@ pub struct Metrics {
     pub rate_limited: Counter,
     pub banned: Counter,
     pub upstream_errors: Family<KindLabels, Counter>,
+    /// Requests sent again to another instance after a failed attempt.
+    pub upstream_retries: Counter,
     /// MCP calls judged by the tool rules, by method and decision.
     pub mcp_calls: Family<McpCallLabels, Counter>,
     /// MCP POST bodies refused before judging, by reason.
@@ -105,6 +107,7 @@ impl Default for Metrics {
             rate_limited: Counter::default(),
             banned: Counter::default(),
             upstream_errors: Family::default(),
+            upstream_retries: Counter::default(),
             mcp_calls: Family::default(),
             mcp_invalid: Family::default(),
             mcp_hidden: Family::default(),
@@ -161,6 +164,11 @@ impl Metrics {
             .get_or_create(&KindLabels { kind })
             .inc();
     }
+
+    /// A request is sent again to another instance.
+    pub fn upstream_retry(&self) {
+        self.upstream_retries.inc();
+    }
 }
 
 /// One watched file's reload counters, as `portcullis_reloads_total` and
@@ -179,6 +187,23 @@ pub trait ReloadReport: Send + Sync {
     fn rows(&self) -> Vec<ReloadRow>;
 }
 
+/// One backend instance's state, as the `portcullis_upstream_instance_*` families show it.
+pub struct InstanceRow {
+    /// The URL as configured (the `instance` label: bounded by the config).
+    pub url: String,
+    /// Requests may go there (healthy, not left out).
+    pub up: bool,
+    pub in_flight: usize,
+    pub requests: u64,
+    /// Failed attempts by kind.
+    pub failures: Vec<(&'static str, u64)>,
+}
+
+/// What reports the backend instances (the upstream implements it).
+pub trait InstanceReport: Send + Sync {
+    fn instance_rows(&self) -> Vec<InstanceRow>;
+}
+
 /// What the state collector reads at scrape time: explicit handles, each owned elsewhere.
 pub struct Sources {
     /// The public listener's connection permits, and how many there are.
@@ -194,6 +219,8 @@ pub struct Sources {
     pub redis: Option<Arc<RedisLink>>,
     /// The issuer's key set, with `[auth.jwt]`.
     pub jwks: Option<Arc<crate::auth::jwks::Jwks>>,
+    /// The backend instances' state.
+    pub upstream: Arc<dyn InstanceReport>,
 }
 
 /// The registry served on `/metrics`: the event metrics and the state collector.
@@ -229,6 +256,11 @@ pub fn registry(metrics: &Metrics, sources: Sources) -> Registry {
         "portcullis_upstream_errors",
         "Failed exchanges with the backend, by kind (connect, timeout, reset, protocol)",
         metrics.upstream_errors.clone(),
+    );
+    r.register(
+        "portcullis_upstream_retries",
+        "Requests sent again to another instance after an attempt failed (a failed connection, or an idempotent request without a body)",
+        metrics.upstream_retries.clone(),
     );
     r.register(
         "portcullis_mcp_calls",
@@ -344,6 +376,7 @@ impl Collector for State {
         if let Some(jwks) = &s.jwks {
             jwks_state(&mut e, &jwks.status())?;
         }
+        instances(&mut e, &s.upstream.instance_rows())?;
         if let Some(link) = &s.redis {
             counter(
                 &mut e,
@@ -354,6 +387,74 @@ impl Collector for State {
         }
         Ok(())
     }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InstanceLabels {
+    instance: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InstanceKindLabels {
+    instance: String,
+    kind: &'static str,
+}
+
+/// Each backend instance (label: its URL as configured, so bounded by the config): healthy,
+/// in flight, attempts, failed attempts by kind.
+fn instances(e: &mut DescriptorEncoder, list: &[InstanceRow]) -> std::fmt::Result {
+    let label = |st: &InstanceRow| InstanceLabels {
+        instance: st.url.clone(),
+    };
+    {
+        let mut m = e.encode_descriptor(
+            "portcullis_upstream_instance_up",
+            "1 when requests may go to the instance (healthy, not left out after a failed connection)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for st in list {
+            ConstGauge::new(if st.up { 1.0 } else { 0.0 }).encode(m.encode_family(&label(st))?)?;
+        }
+    }
+    {
+        let mut m = e.encode_descriptor(
+            "portcullis_upstream_instance_in_flight",
+            "Requests and streams in flight to the instance",
+            None,
+            MetricType::Gauge,
+        )?;
+        for st in list {
+            ConstGauge::new(st.in_flight as f64).encode(m.encode_family(&label(st))?)?;
+        }
+    }
+    {
+        let mut m = e.encode_descriptor(
+            "portcullis_upstream_instance_requests",
+            "Attempts sent to the instance",
+            None,
+            MetricType::Counter,
+        )?;
+        for st in list {
+            ConstCounter::new(st.requests).encode(m.encode_family(&label(st))?)?;
+        }
+    }
+    let mut m = e.encode_descriptor(
+        "portcullis_upstream_instance_failures",
+        "Failed attempts on the instance, by kind (connect, timeout, reset, protocol)",
+        None,
+        MetricType::Counter,
+    )?;
+    for st in list {
+        for (kind, n) in &st.failures {
+            let labels = InstanceKindLabels {
+                instance: st.url.clone(),
+                kind,
+            };
+            ConstCounter::new(*n).encode(m.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -8,17 +8,16 @@ mod oauth;
 mod policy;
 mod raw;
 mod tools;
+mod upstream;
 mod validate;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use http::uri::{Authority, Scheme};
-use http::Uri;
 use serde::Deserialize;
 
-use std::sync::Arc;
+pub use crate::upstream::{HostHeader, UpstreamConfig, UpstreamProtocol};
 
 use crate::access_log::{AccessFormat, AccessLog};
 use crate::auth::AuthConfig;
@@ -29,28 +28,6 @@ use crate::tls::{ClientAuth, LoadedCert, TlsConfig};
 
 use raw::*;
 use validate::Validator;
-
-/// HTTP version spoken to the backend.
-#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum UpstreamProtocol {
-    #[default]
-    Http1,
-    /// HTTP/2 with prior knowledge over plain TCP (h2c), e.g. gRPC backends.
-    Http2,
-}
-
-/// Which `Host` the backend receives.
-#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum HostHeader {
-    /// The upstream's own authority, as nginx's `proxy_pass` does. Loopback-bound MCP servers
-    /// reject any other Host as DNS rebinding.
-    #[default]
-    Upstream,
-    /// The client's Host, unchanged.
-    Preserve,
-}
 
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -133,24 +110,6 @@ pub struct ServerConfig {
 pub struct Tls {
     pub files: TlsConfig,
     pub cert: LoadedCert,
-}
-
-#[derive(Debug, Clone)]
-pub struct UpstreamConfig {
-    pub url: Uri,
-    pub scheme: Scheme,
-    pub authority: Authority,
-    /// Path prefix of `url` without its trailing slash ("" for `http://host:port/`).
-    pub base_path: String,
-    pub connect_timeout: Duration,
-    pub response_timeout: Duration,
-    pub pass_credentials: bool,
-    pub protocol: UpstreamProtocol,
-    pub host_header: HostHeader,
-    /// `upstream.ca`, when set.
-    pub ca: Option<PathBuf>,
-    /// Trust anchors for an `https://` upstream (`ca`, or the system store); `None` for http.
-    pub tls_roots: Option<Arc<rustls::RootCertStore>>,
 }
 
 #[derive(Debug, Clone)]

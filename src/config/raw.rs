@@ -160,6 +160,16 @@ pub(super) struct RawServer {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawUpstream {
     pub(super) url: S<String>,
+    pub(super) urls: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(super) balance: Option<crate::upstream::Balance>,
+    pub(super) health_path: S<String>,
+    pub(super) health_interval: S<String>,
+    pub(super) health_timeout: S<String>,
+    pub(super) unhealthy_threshold: S<i64>,
+    pub(super) healthy_threshold: S<i64>,
+    pub(super) eject_duration: S<String>,
+    pub(super) mcp_session_affinity: S<bool>,
+    pub(super) session_key_file: S<String>,
     pub(super) connect_timeout: S<String>,
     pub(super) response_timeout: S<String>,
     pub(super) pass_credentials: Option<bool>,

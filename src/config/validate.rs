@@ -4,11 +4,8 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use http::uri::Scheme;
-use http::Uri;
 use toml::Spanned;
 
 use crate::access_log::AccessLog;
@@ -363,97 +360,6 @@ impl Validator<'_> {
                 None
             }
         }
-    }
-
-    pub(super) fn upstream(&mut self, u: Spanned<RawUpstream>) -> Option<UpstreamConfig> {
-        let connect_timeout = self.duration(
-            &u.get_ref().connect_timeout,
-            "connect_timeout",
-            Duration::from_secs(5),
-        );
-        let response_timeout = self.duration(
-            &u.get_ref().response_timeout,
-            "response_timeout",
-            Duration::from_secs(60),
-        );
-        let r = u.get_ref();
-        let Some(url) = &r.url else {
-            self.err(
-                &u,
-                "[upstream] needs url = \"http://HOST:PORT\" (the backend to protect)",
-            );
-            return None;
-        };
-        let parsed = match url.get_ref().parse::<Uri>() {
-            Ok(p) => p,
-            Err(e) => {
-                self.err(
-                    url,
-                    format!("url = \"{}\" is not a URL: {e}", url.get_ref()),
-                );
-                return None;
-            }
-        };
-        let scheme = match parsed.scheme() {
-            Some(s) if *s == Scheme::HTTP || *s == Scheme::HTTPS => s.clone(),
-            _ => {
-                self.err(
-                    url,
-                    format!(
-                        "url = \"{}\": the upstream must be http://HOST:PORT or https://HOST:PORT",
-                        url.get_ref()
-                    ),
-                );
-                return None;
-            }
-        };
-        let ca = r.ca.as_ref().map(|c| (self.path(c.get_ref()), c));
-        let tls_roots = if scheme == Scheme::HTTPS {
-            match crate::tls::upstream_roots(ca.as_ref().map(|(p, _)| p.as_path())) {
-                Ok(roots) => Some(Arc::new(roots)),
-                Err(e) => {
-                    match &ca {
-                        Some((_, raw)) => self.err(raw, e),
-                        None => self.err(url, e),
-                    }
-                    return None;
-                }
-            }
-        } else {
-            if let Some((_, raw)) = &ca {
-                self.err(
-                    raw,
-                    "ca is only used for an https:// upstream; remove it or change url to https://",
-                );
-            }
-            None
-        };
-        let Some(authority) = parsed.authority().cloned() else {
-            self.err(url, "url needs a host, e.g. \"http://127.0.0.1:4298\"");
-            return None;
-        };
-        if authority.as_str().contains('@') {
-            self.err(url, "url must not carry user:password@; the backend sees no credentials unless pass_credentials = true");
-            return None;
-        }
-        if parsed.query().is_some() {
-            self.err(url, "url must not have a query string");
-            return None;
-        }
-        let base_path = parsed.path().trim_end_matches('/').to_string();
-        Some(UpstreamConfig {
-            scheme,
-            ca: ca.map(|(p, _)| p),
-            tls_roots,
-            authority,
-            base_path,
-            url: parsed,
-            connect_timeout,
-            response_timeout,
-            pass_credentials: r.pass_credentials.unwrap_or(false),
-            protocol: r.protocol.unwrap_or_default(),
-            host_header: r.host_header.unwrap_or_default(),
-        })
     }
 
     pub(super) fn header_name(

@@ -68,6 +68,8 @@ pub struct Exchange {
     pub(super) mcp_call: Option<crate::mcp::inspect::CallRecord>,
     pub(super) mcp_list: Option<crate::mcp::filter::ListFilter>,
     pub(super) mcp_in_flight: Option<crate::mcp::policy::InFlight>,
+    /// The backend instance answering, in flight until the exchange ends.
+    pub(super) attempt: Option<crate::upstream::InFlight>,
 }
 
 impl Exchange {
@@ -123,6 +125,7 @@ impl Exchange {
             mcp_call: None,
             mcp_list: None,
             mcp_in_flight: None,
+            attempt: None,
         }
     }
 }

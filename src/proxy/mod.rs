@@ -16,7 +16,6 @@ mod decide;
 mod exchange;
 mod rewrite;
 pub mod tunnel;
-pub mod upstream;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -40,10 +39,10 @@ use crate::mcp::Mcp;
 use crate::metrics::Metrics;
 use crate::ratelimit::{RateLimits, Subject};
 use crate::streams::{StreamGuard, StreamKind, Streams};
+use crate::upstream::{ClientBody, Route, Upstream};
 pub use decide::CREDENTIAL_FP;
 pub use exchange::{Exchange, LoggedBody};
 use tunnel::{Limits, Upgrade, Watch};
-use upstream::{ClientBody, Upstream};
 
 /// What the proxy sends back: the backend's body, or one of its own.
 pub type ResponseBody = LoggedBody;
@@ -52,7 +51,7 @@ pub struct Proxy {
     pub config: Arc<Config>,
     /// Who the client is: credentials, bans, the Basic verification cache.
     pub auth: Arc<Auth>,
-    upstream: Upstream,
+    upstream: Arc<Upstream>,
     pub(crate) access: AccessLogger,
     ids: RequestIds,
     /// What a request loses on its way to the backend: what a client could spoof, and its
@@ -114,7 +113,7 @@ impl Proxy {
         Proxy {
             trailer_strip: trailer_strip.into(),
             request_strip,
-            upstream: Upstream::new(&config.upstream),
+            upstream: Arc::new(Upstream::new(&config.upstream)),
             auth,
             access,
             ids: RequestIds::new(),
@@ -237,6 +236,11 @@ impl Proxy {
                 h.insert(name.clone(), value);
             }
         }
+    }
+
+    /// The backend instances and the client that reaches them.
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
     }
 
     /// Drop full rate-limit buckets (the clients' and the MCP tools').
@@ -389,7 +393,9 @@ impl Proxy {
             .judge_mcp(&mut parts, body, admitted.upgrade.is_some(), identity, ex)
             .await?;
         let how = admitted.upgrade.as_ref().map(|(how, _)| *how);
-        self.rewrite(&mut parts, &admitted.path, &verified, how, conn, ex)?;
+        self.rewrite(&mut parts, &verified, how, conn, ex)?;
+        let owner = verified.identity.owner();
+        let route = self.session_route(&mut parts.headers, owner.as_deref(), ex)?;
         ex.verified = Some(verified);
         let body = match judged {
             Ok(bytes) => ClientBody::whole(bytes),
@@ -400,16 +406,65 @@ impl Proxy {
             ),
         };
         ex.unread_body = false;
-        let resp = self
+        let sent = self
             .upstream
             .send(
-                Request::from_parts(parts, body),
+                parts,
+                &admitted.path,
+                body,
+                route,
                 &self.metrics,
                 &ex.record.request_id,
             )
             .await?;
+        let mut resp = sent.response;
+        if let Some(sealer) = &self.upstream.config.session_affinity {
+            seal_session(
+                sealer,
+                sent.attempt.index(),
+                owner.as_deref(),
+                &mut resp,
+                ex,
+            )?;
+        }
+        ex.attempt = Some(sent.attempt);
         self.accept_upgrade(resp, admitted.upgrade, ex)
             .map(Answer::Backend)
+    }
+
+    /// With MCP session affinity, where a request carrying an `Mcp-Session-Id` goes: the
+    /// sealed id is opened for the caller and the instance that issued it, and the original id
+    /// goes to that instance. Fails closed: an id that does not open for this caller (forged,
+    /// damaged, another key's, another identity's) is answered 404, MCP's answer for an
+    /// unknown session, and the backend is not asked.
+    fn session_route(
+        &self,
+        h: &mut http::HeaderMap,
+        owner: Option<&str>,
+        ex: &Exchange,
+    ) -> Result<Route, Reject> {
+        let Some(sealer) = &self.upstream.config.session_affinity else {
+            return Ok(Route::Balanced);
+        };
+        let Some(id) = headers::single(h, &MCP_SESSION_ID).map_err(|_| Reject::BadRequest)? else {
+            return Ok(Route::Balanced);
+        };
+        let opened = id
+            .to_str()
+            .map_err(|_| crate::upstream::affinity::Unsealed::Malformed)
+            .and_then(|id| sealer.open(id, owner.unwrap_or(ANONYMOUS_OWNER)));
+        match opened {
+            Ok((instance, original)) => {
+                let original =
+                    HeaderValue::from_bytes(&original).map_err(|_| Reject::SessionNotFound)?;
+                h.insert(MCP_SESSION_ID.clone(), original);
+                Ok(Route::Pinned(instance))
+            }
+            Err(why) => {
+                tracing::warn!(event = "mcp_session_refused", request_id = %ex.record.request_id, identity = owner.unwrap_or(ANONYMOUS_OWNER), reason = ?why, "an MCP session id that does not open for this caller: 404");
+                Err(Reject::SessionNotFound)
+            }
+        }
     }
 
     /// Whether this client may make `method path` (normalised), and who it is: on the MCP path
@@ -624,6 +679,44 @@ impl Proxy {
             _ => {}
         }
         Ok(resp)
+    }
+}
+
+static MCP_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
+
+/// Whom an anonymous caller's sessions are sealed to.
+const ANONYMOUS_OWNER: &str = "anonymous";
+
+/// With MCP session affinity, an `Mcp-Session-Id` an instance issued is handed to the client
+/// sealed with that instance and the caller. Fails closed: an id too long to seal (over 256
+/// bytes) cannot be routed back, so the answer is refused (502).
+fn seal_session(
+    sealer: &crate::upstream::affinity::Sealer,
+    instance: usize,
+    owner: Option<&str>,
+    resp: &mut Response<Incoming>,
+    ex: &Exchange,
+) -> Result<(), Reject> {
+    let h = resp.headers_mut();
+    let Some(original) = h.get(&MCP_SESSION_ID) else {
+        return Ok(());
+    };
+    let sealed = sealer
+        .seal(
+            instance,
+            owner.unwrap_or(ANONYMOUS_OWNER),
+            original.as_bytes(),
+        )
+        .and_then(|s| HeaderValue::from_str(&s).ok());
+    match sealed {
+        Some(v) => {
+            h.insert(MCP_SESSION_ID.clone(), v);
+            Ok(())
+        }
+        None => {
+            tracing::warn!(request_id = %ex.record.request_id, len = original.len(), "the backend issued an MCP session id longer than 256 bytes, which affinity cannot seal: 502");
+            Err(Reject::UpstreamUnavailable)
+        }
     }
 }
 

@@ -15,11 +15,11 @@ use super::{Exchange, Proxy};
 impl Proxy {
     /// The request as the backend gets it (DESIGN.md §5): hop-by-hop and spoofable headers
     /// and credentials removed, forwarding headers, identity, request id and Host set, the
-    /// URI made absolute on the upstream, the version the upstream speaks.
+    /// version the upstream speaks. The URI (and with `host_header = "upstream"` the Host) is
+    /// the instance's, set when it is sent.
     pub(super) fn rewrite(
         &self,
         parts: &mut Parts,
-        path: &str,
         verified: &Verified,
         upgrade: Option<Upgrade>,
         conn: &ConnInfo,
@@ -71,17 +71,11 @@ impl Proxy {
             h.insert(self.config.auth.identity_header.clone(), v);
         }
         h.insert(X_REQUEST_ID.clone(), ex.record.request_id.value().clone());
-        match up.host_header {
-            HostHeader::Upstream => {
-                h.insert(header::HOST, self.upstream.host.clone());
-            }
-            HostHeader::Preserve => {
-                if let Some(host) = client_host {
-                    h.insert(header::HOST, host);
-                }
-            }
+        // With host_header = "upstream", the instance's authority is set as the request is
+        // sent (it depends on the instance, as the URI does: Upstream::send).
+        if let (HostHeader::Preserve, Some(host)) = (up.host_header, client_host) {
+            h.insert(header::HOST, host);
         }
-        parts.uri = self.upstream.uri(path, parts.uri.query())?;
         parts.version = match up.protocol {
             UpstreamProtocol::Http1 => Version::HTTP_11,
             UpstreamProtocol::Http2 => Version::HTTP_2,

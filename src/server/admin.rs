@@ -27,6 +27,8 @@ pub struct Admin {
     pub registry: prometheus_client::registry::Registry,
     /// The issuer's key set, with `[auth.jwt]`.
     pub jwks: Option<Arc<crate::auth::jwks::Jwks>>,
+    /// The backend instances.
+    pub upstream: Arc<crate::upstream::Upstream>,
 }
 
 /// `/healthz`: the process answers. `/readyz`: credentials are loaded and the backend accepts
@@ -137,21 +139,8 @@ async fn readiness(admin: &Admin) -> Response<Full<Bytes>> {
     let jwks = admin.jwks.as_ref().map(|j| j.status());
     let tokens_ok = jwks.as_ref().is_some_and(|j| j.loaded && j.keys > 0);
     let credentials_ok = cfg.auth.anonymous || keys_loaded > 0 || users_loaded > 0 || tokens_ok;
-    let authority = &cfg.upstream.authority;
-    let default_port = if cfg.upstream.scheme == http::uri::Scheme::HTTPS {
-        443
-    } else {
-        80
-    };
-    let port = authority.port_u16().unwrap_or(default_port);
-    let upstream_ok = matches!(
-        tokio::time::timeout(
-            Duration::from_secs(1).min(cfg.upstream.connect_timeout),
-            TcpStream::connect((authority.host().trim_matches(['[', ']']), port)),
-        )
-        .await,
-        Ok(Ok(_))
-    );
+    let instances = upstream_readiness(admin).await;
+    let upstream_ok = instances.iter().any(|i| i["ready"] == true);
     // With [auth.jwt], the issuer's key set must have loaded once: until then every token
     // is refused (the reason is in "jwks").
     let jwks_ok = jwks.as_ref().is_none_or(|j| j.loaded);
@@ -188,7 +177,13 @@ async fn readiness(admin: &Admin) -> Response<Full<Bytes>> {
             "stream": admin.streams.active(StreamKind::Stream),
             "revoked_total": admin.streams.revoked_total(),
         },
-        "upstream": { "url": cfg.upstream.url.to_string(), "reachable": upstream_ok },
+        "upstream": {
+            "url": cfg.upstream.describe(),
+            "reachable": upstream_ok,
+            "balance": cfg.upstream.balance,
+            "health_checks": cfg.upstream.health.is_some(),
+            "instances": instances,
+        },
         "tls": admin.tls.as_ref().map(|t| {
             let cert = t.current();
             let not_after = humantime::format_rfc3339_seconds(cert.not_after).to_string();
@@ -211,6 +206,56 @@ async fn readiness(admin: &Admin) -> Response<Full<Bytes>> {
         StatusCode::SERVICE_UNAVAILABLE
     };
     text_response(status, "application/json", format!("{body}\n"))
+}
+
+/// Each backend instance's state, and whether requests may go there (`ready`): with health
+/// checks, what they concluded; without, whether it accepts a TCP connection now (each probed
+/// at the same time, for at most a second).
+async fn upstream_readiness(admin: &Admin) -> Vec<serde_json::Value> {
+    let cfg = &admin.config.upstream;
+    let status = admin.upstream.status();
+    let limit = Duration::from_secs(1).min(cfg.connect_timeout);
+    let probes: Vec<_> = cfg
+        .targets
+        .iter()
+        .map(|t| {
+            let default_port = if t.scheme == http::uri::Scheme::HTTPS {
+                443
+            } else {
+                80
+            };
+            let port = t.authority.port_u16().unwrap_or(default_port);
+            let host = t.authority.host().trim_matches(['[', ']']).to_string();
+            let checked = cfg.health.is_some();
+            tokio::spawn(async move {
+                if checked {
+                    return None;
+                }
+                let connect = TcpStream::connect((host.as_str(), port));
+                Some(matches!(
+                    tokio::time::timeout(limit, connect).await,
+                    Ok(Ok(_))
+                ))
+            })
+        })
+        .collect();
+    let mut reachable = Vec::with_capacity(probes.len());
+    for p in probes {
+        reachable.push(p.await.unwrap_or(Some(false)));
+    }
+    status
+        .into_iter()
+        .zip(reachable)
+        .map(|(st, reachable)| {
+            let ready = st.healthy && reachable.unwrap_or(true);
+            let mut v = serde_json::to_value(&st).unwrap_or_default();
+            v["ready"] = ready.into();
+            if let Some(r) = reachable {
+                v["reachable"] = r.into();
+            }
+            v
+        })
+        .collect()
 }
 
 /// A plain response from portcullis itself (admin endpoints, the redirect, the demo).

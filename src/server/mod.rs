@@ -186,6 +186,7 @@ impl Server {
             reloads: reloader.clone(),
             redis,
             jwks: auth.jwt.clone(),
+            upstream: proxy.upstream().instances.clone(),
         };
         let admin = admin::Admin {
             registry: crate::metrics::registry(&proxy.metrics, metrics),
@@ -195,6 +196,7 @@ impl Server {
             streams,
             tls: resolver,
             jwks: auth.jwt.clone(),
+            upstream: proxy.upstream().clone(),
         };
         spawn_admin(&ctx, listeners.admin, admin);
         if let Some(jwks) = &auth.jwt {
@@ -211,6 +213,16 @@ impl Server {
             spawn_forward_auth(&ctx, listener, proxy.clone(), fa, &config);
         }
 
+        if let Some(check) = &config.upstream.health {
+            for i in 0..config.upstream.targets.len() {
+                let up = proxy.upstream().clone();
+                let token = server.shutdown.clone();
+                server
+                    .tracker
+                    .spawn(up.health_loop(i, check.clone(), token));
+            }
+        }
+
         server
             .tracker
             .spawn(housekeeping(reloader, proxy, bans, server.shutdown.clone()));
@@ -218,7 +230,7 @@ impl Server {
         for warning in &config.warnings {
             tracing::warn!("{warning}");
         }
-        tracing::info!(listen = %local_addr, admin = %admin_addr, forward_auth = server.forward_auth_addr.map(tracing::field::display), upstream = %config.upstream.url, "portcullis listening");
+        tracing::info!(listen = %local_addr, admin = %admin_addr, forward_auth = server.forward_auth_addr.map(tracing::field::display), upstream = %config.upstream.describe(), "portcullis listening");
         Ok(server)
     }
 

@@ -9,6 +9,7 @@ mod forward_auth;
 mod forwarding;
 mod hardening;
 mod htpasswd;
+mod instances;
 mod layout;
 mod limits;
 mod mcp;

@@ -4,7 +4,8 @@
 //! the same file. Any replica can then route the session to its instance and restore the
 //! original id toward it, and a sealed id presented by another identity does not open.
 //!
-//! Groundwork for the several-instances issue: not wired into the proxy yet.
+//! Used by the proxy when `[upstream] mcp_session_affinity` is on: the id is opened on the way
+//! in (the request goes to its instance with the original id) and sealed on the way out.
 //!
 //! A sealed id is `ps1.<instance>.<original, base64url>.<tag, base64url>`: visible ASCII, as a
 //! header value must be, and under 400 bytes for an original id of 256. The tag is the first
@@ -69,6 +70,15 @@ impl Sealer {
             key: hmac::Key::new(hmac::HMAC_SHA256, key),
             instances,
         })
+    }
+
+    /// A sealer with a key drawn now from the system's random source: sessions it seals open
+    /// only in this process (no `session_key_file`).
+    pub fn random(instances: usize) -> Sealer {
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let key = hmac::Key::generate(hmac::HMAC_SHA256, &rng)
+            .expect("the system random source is available");
+        Sealer { key, instances }
     }
 
     /// What the tag covers: the instance, the identity and the original id, each

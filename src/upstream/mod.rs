@@ -1,0 +1,323 @@
+//! The backend side of the pipeline (DESIGN.md §11): the instances and the pooled client that
+//! takes requests to them, retries on another instance when a connection fails before any byte
+//! was sent, health checks, MCP session affinity, and how a failed exchange is named (502 or
+//! 504, the metric's `kind`).
+//!
+//! Fails closed: a request that cannot be placed on a healthy instance is answered 502
+//! `upstream_unavailable`; a request that may have reached a backend is never sent again unless
+//! it is idempotent with an empty body; a session whose instance is gone is answered 404.
+
+pub mod affinity;
+mod body;
+mod config;
+mod health;
+mod instances;
+
+use std::io;
+use std::sync::Arc;
+
+use http::request::Parts;
+use http::{Method, Request, Response};
+use http_body_util::LengthLimitError;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::access_log::Text;
+use crate::error::Reject;
+use crate::metrics::Metrics;
+
+use body::ClientBodyError;
+pub use body::{ClientBody, Replay};
+pub use config::{HostHeader, UpstreamConfig, UpstreamProtocol};
+pub use instances::{
+    Balance, HealthCheck, InFlight, InstanceStatus, Instances, Target, FAILURE_KINDS, MAX_INSTANCES,
+};
+
+/// The backend: its instances, and the pooled client that takes requests there.
+pub struct Upstream {
+    pub config: UpstreamConfig,
+    client: Client<HttpsConnector<HttpConnector>, ClientBody>,
+    pub instances: Arc<Instances>,
+}
+
+/// Where a request may go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Any instance, by the balance rule.
+    Balanced,
+    /// The instance that issued the request's MCP session, and no other.
+    Pinned(usize),
+}
+
+/// The backend's answer and the instance it came from (in flight until dropped).
+pub struct Sent {
+    pub response: Response<Incoming>,
+    pub attempt: InFlight,
+}
+
+impl Upstream {
+    pub fn new(up: &UpstreamConfig) -> Upstream {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(up.connect_timeout));
+        connector.enforce_http(false);
+        let connector = upstream_connector(connector, up);
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(60))
+            // As on the public listener: one flat write per request (see server/mod.rs).
+            .http1_writev(false)
+            .http2_only(up.protocol == UpstreamProtocol::Http2);
+        Upstream {
+            client: builder.build(connector),
+            instances: Arc::new(Instances::new(&up.targets, up.balance, up.eject_for)),
+            config: up.clone(),
+        }
+    }
+
+    /// Send a request for `path` (normalised; the query is the request URI's) and wait for the
+    /// response headers, within `response_timeout` for every attempt together.
+    ///
+    /// The instance is the route's; for a balanced request whose connection failed before any
+    /// byte was written, another one (any method: nothing reached a backend), and after a
+    /// failure once bytes may have been written, another one only for an idempotent method
+    /// with an empty body. A pinned request has only its instance: when that is down or
+    /// unreachable, its session is gone (404). A failure is named: the client's body (413 over
+    /// the limit, 400 when it broke) or the backend's (502, 504), counted by kind and instance.
+    pub async fn send(
+        &self,
+        mut parts: Parts,
+        path: &str,
+        body: ClientBody,
+        route: Route,
+        metrics: &Metrics,
+        request_id: &Text,
+    ) -> Result<Sent, Reject> {
+        let timeout = self.config.response_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let several = route == Route::Balanced && self.instances.len() > 1;
+        let (mut body, replay) = if several {
+            let (b, r) = body.replayable();
+            (Some(b), Some(r))
+        } else {
+            (Some(body), None)
+        };
+        // The query as the client sent it, kept for every attempt's URI.
+        let query: Option<String> = parts.uri.query().map(str::to_owned);
+        let repeatable = idempotent(&parts.method);
+        let mut tried: u64 = 0;
+        let mut last = Reject::UpstreamUnavailable;
+        loop {
+            let i = match route {
+                Route::Pinned(i) if tried == 0 && self.instances.healthy(i) => Some(i),
+                Route::Pinned(i) => {
+                    tracing::warn!(event = "mcp_session_instance_gone", request_id = %request_id, instance = %self.instances.target(i).label, "the instance that issued this MCP session is down: 404, the client starts a new session");
+                    return Err(Reject::SessionNotFound);
+                }
+                Route::Balanced => self.instances.pick(tried),
+            };
+            let Some(i) = i else {
+                if tried == 0 {
+                    metrics.upstream_error("connect");
+                    tracing::warn!(request_id = %request_id, "no healthy upstream instance");
+                }
+                return Err(last);
+            };
+            tried |= 1 << i;
+            let target = self.instances.target(i);
+            parts.uri = target.uri(path, query.as_deref())?;
+            if self.config.host_header == HostHeader::Upstream {
+                parts
+                    .headers
+                    .insert(http::header::HOST, target.host.clone());
+            }
+            let Some(this_body) = body.take() else {
+                return Err(last);
+            };
+            // Another attempt may follow this one: the request is kept to be sent again.
+            let more = several && (tried.count_ones() as usize) < self.instances.len();
+            let req = if more {
+                let mut again = Request::new(this_body);
+                *again.method_mut() = parts.method.clone();
+                *again.uri_mut() = parts.uri.clone();
+                *again.version_mut() = parts.version;
+                *again.headers_mut() = parts.headers.clone();
+                again
+            } else {
+                Request::from_parts(
+                    std::mem::replace(&mut parts, Request::new(()).into_parts().0),
+                    this_body,
+                )
+            };
+            let attempt = self.instances.start(i);
+            let failure = match tokio::time::timeout_at(deadline, self.client.request(req)).await {
+                Ok(Ok(response)) => return Ok(Sent { response, attempt }),
+                Err(_elapsed) => {
+                    metrics.upstream_error("timeout");
+                    self.instances.failed(i, "timeout");
+                    tracing::warn!(request_id = %request_id, instance = %target.label, timeout = ?timeout, "upstream response timeout");
+                    return Err(Reject::UpstreamTimeout);
+                }
+                Ok(Err(e)) => e,
+            };
+            drop(attempt);
+            if caused_by::<LengthLimitError>(&failure) {
+                return Err(Reject::PayloadTooLarge);
+            }
+            if caused_by::<ClientBodyError>(&failure) {
+                tracing::debug!(request_id = %request_id, error = %crate::error::chain(&failure), "client request body failed");
+                return Err(Reject::BadRequest);
+            }
+            let kind = upstream_error_kind(&failure);
+            metrics.upstream_error(kind);
+            self.instances.failed(i, kind);
+            let connect = failure.is_connect();
+            if let Route::Pinned(_) = route {
+                if connect {
+                    tracing::warn!(event = "mcp_session_instance_gone", request_id = %request_id, instance = %target.label, error = %crate::error::chain(&failure), "the instance that issued this MCP session is unreachable: 404, the client starts a new session");
+                    return Err(Reject::SessionNotFound);
+                }
+            }
+            // Sent again only when nothing can have reached a backend, or nothing is lost.
+            let again = replay.as_ref().and_then(|r| {
+                let safe = connect || (repeatable && r.is_empty());
+                safe.then(|| r.again()).flatten()
+            });
+            let retry = more && again.is_some();
+            tracing::warn!(request_id = %request_id, instance = %target.label, connect, retry, error = %crate::error::chain(&failure), "upstream request failed");
+            last = Reject::UpstreamUnavailable;
+            if !retry {
+                return Err(last);
+            }
+            metrics.upstream_retry();
+            body = again;
+        }
+    }
+
+    /// Every instance's state (for `/readyz` and the metrics).
+    pub fn status(&self) -> Vec<InstanceStatus> {
+        self.instances.status()
+    }
+}
+
+/// Methods a backend may receive twice without a different effect (RFC 9110 §9.2.2).
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// The connector for the backend: plain TCP for `http://`, rustls for `https://` with ALPN
+/// for the configured protocol only, so an `http2` upstream is spoken to in h2 and an `http1`
+/// one in HTTP/1.1.
+fn upstream_connector(tcp: HttpConnector, up: &UpstreamConfig) -> HttpsConnector<HttpConnector> {
+    let builder = match &up.tls_roots {
+        Some(roots) => {
+            let tls = crate::tls::upstream_client_config(roots.clone())
+                .expect("TLS 1.2 and 1.3 are supported by the built-in provider");
+            hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls)
+                .https_only()
+        }
+        // Never used for TLS: the URL is http://, so every connection is plain.
+        None => hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(
+                rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+                    .with_safe_default_protocol_versions()
+                    .expect("default versions")
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth(),
+            )
+            .https_or_http(),
+    };
+    match up.protocol {
+        UpstreamProtocol::Http1 => builder.enable_http1().wrap_connector(tcp),
+        UpstreamProtocol::Http2 => builder.enable_http2().wrap_connector(tcp),
+    }
+}
+
+/// The `kind` label of `portcullis_upstream_errors_total` for a failed exchange.
+fn upstream_error_kind(e: &hyper_util::client::legacy::Error) -> &'static str {
+    if e.is_connect() {
+        return "connect";
+    }
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            if matches!(
+                io.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+            ) {
+                return "reset";
+            }
+        }
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
+                return "reset";
+            }
+        }
+        cur = err.source();
+    }
+    "protocol"
+}
+
+fn caused_by<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<E>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::{Full, Limited};
+
+    #[test]
+    fn body_limit_errors_are_recognised_through_wrapping() {
+        #[derive(Debug)]
+        struct Wrap(LengthLimitError);
+        impl std::fmt::Display for Wrap {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("wrapped")
+            }
+        }
+        impl std::error::Error for Wrap {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let limited = Limited::new(Full::new(Bytes::from_static(b"12345")), 1);
+        let err = futures_lite_block_on_err(limited);
+        assert!(caused_by::<LengthLimitError>(&Wrap(
+            *err.downcast::<LengthLimitError>().unwrap()
+        )));
+        assert!(!caused_by::<LengthLimitError>(&std::io::Error::other("x")));
+    }
+
+    fn futures_lite_block_on_err(
+        body: Limited<Full<Bytes>>,
+    ) -> Box<dyn std::error::Error + Send + Sync> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            use http_body_util::BodyExt;
+            body.collect().await.unwrap_err()
+        })
+    }
+}
