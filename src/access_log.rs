@@ -51,6 +51,8 @@ pub struct Record {
     pub outcome: &'static str,
     pub user_agent: Option<Text>,
     pub referer: Option<Text>,
+    /// With several backend instances: the one that answered (its URL as configured).
+    pub upstream: Option<std::sync::Arc<str>>,
 }
 
 /// A header value known to be visible ASCII (`HeaderValue::to_str` accepted it).
@@ -86,7 +88,7 @@ impl Serialize for Text {
 impl Serialize for Record {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
-        let mut r = s.serialize_struct("Record", 14)?;
+        let mut r = s.serialize_struct("Record", 15)?;
         r.serialize_field(
             "time",
             &humantime::format_rfc3339_millis(self.time).to_string(),
@@ -105,6 +107,9 @@ impl Serialize for Record {
         r.serialize_field("outcome", self.outcome)?;
         r.serialize_field("user_agent", &self.user_agent)?;
         r.serialize_field("referer", &self.referer)?;
+        if let Some(up) = &self.upstream {
+            r.serialize_field("upstream", &**up)?;
+        }
         r.end()
     }
 }
@@ -122,7 +127,7 @@ impl Record {
     /// then the request id, duration and outcome. Starts with the client IP, so fail2ban's
     /// `^<HOST> .* 401 .*$` matches it.
     pub fn to_combined(&self) -> String {
-        format!(
+        let mut line = format!(
             "{} - {} [{}] \"{} {} {}\" {} {} \"{}\" \"{}\" rid={} dur_ms={} outcome={}",
             self.client,
             self.identity
@@ -144,7 +149,12 @@ impl Record {
             self.request_id,
             self.duration_ms,
             self.outcome,
-        )
+        );
+        if let Some(up) = &self.upstream {
+            line.push_str(" upstream=");
+            line.push_str(&quote_free(up));
+        }
+        line
     }
 }
 
@@ -290,6 +300,7 @@ mod tests {
             outcome: "unauthenticated",
             user_agent: Text::new(&HeaderValue::from_static("curl/8 \"x\"")),
             referer: None,
+            upstream: None,
         }
     }
 

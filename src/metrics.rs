@@ -254,7 +254,7 @@ pub fn registry(metrics: &Metrics, sources: Sources) -> Registry {
     );
     r.register(
         "portcullis_upstream_errors",
-        "Failed exchanges with the backend, by kind (connect, timeout, reset, protocol)",
+        "Failed exchanges with the backend, by kind (connect, timeout, reset, protocol, no_healthy_instance)",
         metrics.upstream_errors.clone(),
     );
     r.register(

@@ -108,6 +108,7 @@ impl Exchange {
                 outcome: "client_closed",
                 user_agent: text(header::USER_AGENT),
                 referer: text(header::REFERER),
+                upstream: None,
             },
             unread_body,
             finished: false,

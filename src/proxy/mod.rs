@@ -427,6 +427,10 @@ impl Proxy {
                 ex,
             )?;
         }
+        if self.upstream.instances.len() > 1 {
+            let i = sent.attempt.index();
+            ex.record.upstream = Some(self.upstream.instances.target(i).label.clone());
+        }
         ex.attempt = Some(sent.attempt);
         self.accept_upgrade(resp, admitted.upgrade, ex)
             .map(Answer::Backend)

@@ -57,7 +57,7 @@ pub struct UpstreamConfig {
 impl UpstreamConfig {
     /// The instances' URLs, comma-separated (for the startup line).
     pub fn describe(&self) -> String {
-        let urls: Vec<&str> = self.targets.iter().map(|t| t.label.as_str()).collect();
+        let urls: Vec<&str> = self.targets.iter().map(|t| &*t.label).collect();
         urls.join(", ")
     }
 }

@@ -35,7 +35,7 @@ pub struct Target {
     /// Path prefix of the URL without its trailing slash ("" for `http://host:port/`).
     pub base_path: String,
     /// The URL as shown in logs, `/readyz` and the `instance` metrics label.
-    pub label: String,
+    pub label: std::sync::Arc<str>,
     /// The instance's authority as a `Host` value.
     pub host: HeaderValue,
 }
@@ -44,7 +44,7 @@ impl Target {
     pub fn new(scheme: Scheme, authority: Authority, path: &str) -> Target {
         let base_path = path.trim_end_matches('/').to_string();
         Target {
-            label: format!("{scheme}://{authority}{base_path}"),
+            label: format!("{scheme}://{authority}{base_path}").into(),
             host: HeaderValue::from_str(authority.as_str())
                 .expect("an authority is a header value"),
             scheme,
@@ -277,7 +277,7 @@ impl Instances {
             .map(|inst| {
                 let until = inst.ejected_until.load(Ordering::Relaxed);
                 InstanceStatus {
-                    url: inst.target.label.clone(),
+                    url: inst.target.label.to_string(),
                     healthy: inst.healthy.load(Ordering::Relaxed),
                     ejected_seconds: (until != 0 && now < until)
                         .then(|| (until - now) as f64 / 1000.0),

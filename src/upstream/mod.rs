@@ -123,7 +123,7 @@ impl Upstream {
             };
             let Some(i) = i else {
                 if tried == 0 {
-                    metrics.upstream_error("connect");
+                    metrics.upstream_error("no_healthy_instance");
                     tracing::warn!(request_id = %request_id, "no healthy upstream instance");
                 }
                 return Err(last);

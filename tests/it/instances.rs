@@ -316,6 +316,14 @@ async fn a_post_is_never_sent_twice_and_a_get_is_sent_again_after_a_cut_connecti
     );
     let s = scrape(&proxy).await;
     assert!(value(&s, "portcullis_upstream_retries_total", &[]) >= 1.0);
+    // The access log names the instance that answered; a refused POST has none.
+    let lines = proxy.access_lines(12).await;
+    for l in &lines {
+        match l["status"].as_u64() {
+            Some(200) => assert_eq!(l["upstream"], lives.url().as_str(), "{l}"),
+            _ => assert!(l.get("upstream").is_none(), "{l}"),
+        }
+    }
 }
 
 #[tokio::test]
