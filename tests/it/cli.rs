@@ -360,3 +360,42 @@ fn the_kubernetes_example_config_passes_check_with_its_secrets_mounted() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn the_several_instances_example_config_passes_check_with_its_secrets_mounted() {
+    let yaml = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/several-instances/compose.yaml"
+    ))
+    .unwrap();
+    // The inline config: the block indented under `content: |`.
+    let config: String = yaml
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("content: |"))
+        .skip(1)
+        .take_while(|l| l.starts_with("      ") || l.is_empty())
+        .map(|l| format!("{}\n", l.strip_prefix("      ").unwrap_or(l)))
+        .collect();
+    assert!(config.contains("urls = ["), "{config}");
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("keys")).unwrap();
+    std::fs::write(root.path().join("keys/keys.toml"), keys_file()).unwrap();
+    std::fs::write(
+        root.path().join("session_key"),
+        "kXv1H8mRrZ8q0m4bqg4vV9a0yHppGd0r1r3YzW1nq9bXy0k7c2lq8w3A5dPzQ1e\n",
+    )
+    .unwrap();
+    let prefix = format!("{}/", root.path().display());
+    let config = config
+        .replace("/etc/portcullis/", &prefix)
+        .replace("/run/secrets/", &prefix);
+    let path = root.path().join("proxy.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = check_config(&path);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
