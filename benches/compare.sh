@@ -26,6 +26,11 @@
 #                    tools = ["search_*", "get_*"] (the body read whole, parsed strictly,
 #                    judged, forwarded as judged), one with the rules off; reports both and
 #                    the ratios of req/s and of CPU per request
+#   instances        the cost of balancing: the apikey job through two portcullis processes
+#                    (both on core 0, loaded in turn within every round), one with
+#                    `url` (one instance), one with `urls` listing two (the backend nginx on two
+#                    ports), `health_path` checks every 5 s and MCP session affinity on; reports
+#                    both and the ratios of req/s and of CPU per request
 #   forward-auth     nginx deciding with portcullis' [forward_auth] listener (auth_request, the
 #                    recipe of examples/forward-auth/nginx-locations.conf, with a keep-alive
 #                    upstream for the checks) against nginx doing the apikey job's `map` check
@@ -117,7 +122,7 @@ cleanup() {
 trap cleanup EXIT
 
 BACKEND_PORT=18180 NGINX_PORT=18181 PORTCULLIS_PORT=18182 ADMIN_PORT=18183 WS_PORT=18184
-OFF_PORT=18185 OFF_ADMIN_PORT=18186 FA_PORT=18187
+OFF_PORT=18185 OFF_ADMIN_PORT=18186 FA_PORT=18187 BACKEND2_PORT=18188
 
 nginx_conf() { # name, server block; NGINX_MAIN: more main-context directives
   mkdir -p "$work/$1"
@@ -249,7 +254,8 @@ with_cpu() { # pid, command...
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 # The backend, for every scenario.
-nginx_conf backend "server { listen 127.0.0.1:$BACKEND_PORT; location / { return 200 \"ok\n\"; } }"
+# A second port for the `instances` scenario's second instance.
+nginx_conf backend "server { listen 127.0.0.1:$BACKEND_PORT; listen 127.0.0.1:$BACKEND2_PORT; location / { return 200 \"ok\n\"; } }"
 start 1 "$NGINX" -c "$work/backend/nginx.conf"
 wait_port $BACKEND_PORT
 
@@ -292,7 +298,7 @@ for scenario in "${@:-basic-bcrypt10 noauth}"; do
         nginx_conf "$s-nginx" "server { listen 127.0.0.1:$NGINX_PORT; location / { auth_basic bench; auth_basic_user_file $dir/htpasswd; $PROXY_LOCATION } }"
         auth="htpasswd_file = \"$dir/htpasswd\""
         ;;
-      apikey|apikey-tls|idle10k|latency2k|websocket|instructions|reload10k|mcp|mcp-policy|forward-auth)
+      apikey|apikey-tls|idle10k|latency2k|websocket|instructions|reload10k|mcp|mcp-policy|forward-auth|instances)
         printf '[[keys]]\nname = "bench"\napi_key = "%s"\n' "$KEY" > "$dir/keys.toml"
         if [ "$s" = mcp ] || [ "$s" = mcp-policy ]; then
           urlpath=mcp
@@ -472,11 +478,18 @@ EOF
       stop_all_but_backend
       continue
     fi
-    if [ "$s" = mcp-policy ]; then
-      # The same proxy with the rules off, on ports of its own, loaded in turn with the other.
+    if [ "$s" = mcp-policy ] || [ "$s" = instances ]; then
+      # Two portcullis processes on ports of their own, loaded in turn within each round:
+      # "a" the baseline, "b" with the feature measured.
       sed -e "s/^listen = .*/listen = \"127.0.0.1:$OFF_PORT\"/" \
           -e "s/^admin_listen = .*/admin_listen = \"127.0.0.1:$OFF_ADMIN_PORT\"/" \
           -e "/^tool_policy = true/d" "$dir/proxy.toml" > "$dir/proxy-off.toml"
+      if [ "$s" = instances ]; then
+        a_name="one instance"; b_name="two instances"
+        sed -i -e "s#^url = .*#urls = [\"http://127.0.0.1:$BACKEND_PORT\", \"http://127.0.0.1:$BACKEND2_PORT\"]\nhealth_path = \"/\"#" "$dir/proxy.toml"
+      else
+        a_name="rules off"; b_name="rules on"
+      fi
       start 0 "$PORTCULLIS" --config "$dir/proxy.toml"; on_pid=${pids[-1]}
       start 0 "$PORTCULLIS" --config "$dir/proxy-off.toml"; off_pid=${pids[-1]}
       wait_port $PORTCULLIS_PORT; wait_port $OFF_PORT
@@ -489,15 +502,15 @@ EOF
         idle_gate; with_cpu "$on_pid" run "http://127.0.0.1:$PORTCULLIS_PORT" >> "$dir/on"
       done
       col() { awk -v c="$2" '{print $c}' "$1" | median; }
-      # Per-round ratios (on / off), then their median: each pair ran back to back.
+      # Per-round ratios (b / a), then their median: each pair ran back to back.
       ratio_of() { paste -d' ' "$dir/off" "$dir/on" | awk -v c="$1" -v n="$2" '{print $(c+n) / $c}' | median; }
       f=$(col "$dir/off" 1); o=$(col "$dir/on" 1)
       fcpu=$(printf '%.1f' "$(col "$dir/off" 4)"); ocpu=$(printf '%.1f' "$(col "$dir/on" 4)")
       rr=$(ratio_of 1 4); cr=$(ratio_of 4 4)
-      printf '%-14s rules off %.0f req/s (%s/%s µs p50/p99, %s CPU µs/req); rules on %.0f req/s (%s/%s µs, %s CPU µs/req); on/off: req/s %.2fx, CPU per request %.2fx (medians of per-round ratios)\n' \
-        "$s" "$f" "$(col "$dir/off" 2)" "$(col "$dir/off" 3)" "$fcpu" "$o" "$(col "$dir/on" 2)" "$(col "$dir/on" 3)" "$ocpu" "$rr" "$cr"
-      printf '| %s | | rules off: %.0f | rules on: %.0f | on/off %.2f× req/s, %.2f× CPU per request | %s / %s | %s / %s | %s | %s |\n' \
-        "$s" "$f" "$o" "$rr" "$cr" "$(col "$dir/off" 2)" "$(col "$dir/off" 3)" "$(col "$dir/on" 2)" "$(col "$dir/on" 3)" "$fcpu" "$ocpu" >> "$report"
+      printf '%-14s %s %.0f req/s (%s/%s µs p50/p99, %s CPU µs/req); %s %.0f req/s (%s/%s µs, %s CPU µs/req); b/a: req/s %.2fx, CPU per request %.2fx (medians of per-round ratios)\n' \
+        "$s" "$a_name" "$f" "$(col "$dir/off" 2)" "$(col "$dir/off" 3)" "$fcpu" "$b_name" "$o" "$(col "$dir/on" 2)" "$(col "$dir/on" 3)" "$ocpu" "$rr" "$cr"
+      printf '| %s | | %s: %.0f | %s: %.0f | %.2f× req/s, %.2f× CPU per request | %s / %s | %s / %s | %s | %s |\n' \
+        "$s" "$a_name" "$f" "$b_name" "$o" "$rr" "$cr" "$(col "$dir/off" 2)" "$(col "$dir/off" 3)" "$(col "$dir/on" 2)" "$(col "$dir/on" 3)" "$fcpu" "$ocpu" >> "$report"
       stop_all_but_backend
       continue
     fi

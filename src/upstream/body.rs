@@ -54,9 +54,9 @@ impl Source {
 }
 
 /// A body kept for another attempt: hands out the body again as long as no attempt has
-/// started to read it.
+/// started to read it. An empty body is simply made again (no slot).
 pub struct Replay {
-    slot: Arc<Mutex<Option<Source>>>,
+    slot: Option<Arc<Mutex<Option<Source>>>>,
     hint: SizeHint,
     ended: bool,
     trailer_strip: Arc<[HeaderName]>,
@@ -65,10 +65,13 @@ pub struct Replay {
 impl Replay {
     /// The body again, if nothing of it has been read; `None` once an attempt started on it.
     pub fn again(&self) -> Option<ClientBody> {
-        let present = self.slot.lock().map(|s| s.is_some()).unwrap_or(false);
+        let Some(slot) = &self.slot else {
+            return Some(ClientBody::whole(Bytes::new()));
+        };
+        let present = slot.lock().map(|s| s.is_some()).unwrap_or(false);
         present.then(|| ClientBody {
             body: None,
-            slot: Some(self.slot.clone()),
+            slot: Some(slot.clone()),
             hint: self.hint,
             ended: self.ended,
             trailer_strip: self.trailer_strip.clone(),
@@ -109,14 +112,17 @@ impl ClientBody {
 
     /// This body, and what can hand it out again while nothing of it has been read.
     pub fn replayable(mut self) -> (ClientBody, Replay) {
-        let slot = Arc::new(Mutex::new(self.body.take()));
-        let replay = Replay {
-            slot: slot.clone(),
+        let mut replay = Replay {
+            slot: None,
             hint: self.hint,
             ended: self.ended,
             trailer_strip: self.trailer_strip.clone(),
         };
-        self.slot = Some(slot);
+        if !self.ended {
+            let slot = Arc::new(Mutex::new(self.body.take()));
+            replay.slot = Some(slot.clone());
+            self.slot = Some(slot);
+        }
         (self, replay)
     }
 }
@@ -211,7 +217,10 @@ mod tests {
         assert_eq!(&bytes[..], b"{\"a\":1}");
         // Read once: never again.
         assert!(replay.again().is_none());
-        let (_, empty) = ClientBody::whole(Bytes::new()).replayable();
+        let (first, empty) = ClientBody::whole(Bytes::new()).replayable();
         assert!(empty.is_empty());
+        drop(first.collect().await.unwrap());
+        let again = empty.again().expect("an empty body is made again");
+        assert!(again.is_end_stream());
     }
 }

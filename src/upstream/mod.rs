@@ -107,8 +107,9 @@ impl Upstream {
         } else {
             (Some(body), None)
         };
-        // The query as the client sent it, kept for every attempt's URI.
-        let query: Option<String> = parts.uri.query().map(str::to_owned);
+        // The client's URI: its query goes into every attempt's URI.
+        let client_uri = std::mem::take(&mut parts.uri);
+        let query = client_uri.query();
         let repeatable = idempotent(&parts.method);
         let mut tried: u64 = 0;
         let mut last = Reject::UpstreamUnavailable;
@@ -130,7 +131,7 @@ impl Upstream {
             };
             tried |= 1 << i;
             let target = self.instances.target(i);
-            parts.uri = target.uri(path, query.as_deref())?;
+            parts.uri = target.uri(path, query)?;
             if self.config.host_header == HostHeader::Upstream {
                 parts
                     .headers
