@@ -70,7 +70,10 @@
 # (nginx's worker included) spent per request, from /proc: steadier than req/s here. The table is printed, and written
 # with an SVG bar chart to target/compare/ (compare.md, compare.svg).
 #
-# Environment: ROUNDS (5), DURATION (5s), CONNS (32), PORTCULLIS (the binary; default: built
+# Environment: ROUNDS (5), DURATION (5s), CONNS (32), INSTANCES (2: portcullis balances every
+# scenario's requests over two instances, the backend nginx on two ports, with health checks;
+# e.g. `INSTANCES=2 compare.sh instructions` against `compare.sh instructions` counts what
+# balancing costs per request), PORTCULLIS (the binary; default: built
 # with cargo build --release), KEEP_WORK (set: the work directory, with every process's log,
 # is copied to /tmp/compare-work at exit). Needs nginx, wrk, htpasswd and taskset: Debian packages nginx,
 # wrk, apache2-utils, util-linux, and valgrind for `instructions` (installed when missing and
@@ -403,6 +406,9 @@ level = "warn"
 access_log = "off"
 $extra
 EOF
+    if [ "${INSTANCES:-1}" = 2 ] && [ "$upstream_port" = "$BACKEND_PORT" ] && [ "$s" != instances ]; then
+      sed -i "s#^url = .*#urls = [\"http://127.0.0.1:$BACKEND_PORT\", \"http://127.0.0.1:$BACKEND2_PORT\"]\nhealth_path = \"/\"#" "$dir/proxy.toml"
+    fi
     under=()
     if [ "$s" = instructions ]; then
       under=(valgrind --tool=callgrind "--callgrind-out-file=$dir/cg.%p")
