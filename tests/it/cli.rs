@@ -321,21 +321,23 @@ async fn the_demo_serves_its_key_and_refuses_requests_without_it() {
     assert!(code.success(), "exit status {code}");
 }
 
+/// A proxy.toml embedded in a shipped example (YAML): the block indented by `indent` under the
+/// line that ends with `marker`.
+fn embedded_config(example: &str, marker: &str, indent: &str) -> String {
+    let path = format!("{}/examples/{example}", env!("CARGO_MANIFEST_DIR"));
+    let yaml = std::fs::read_to_string(&path).unwrap();
+    yaml.lines()
+        .skip_while(|l| !l.trim_start().starts_with(marker))
+        .skip(1)
+        .take_while(|l| l.starts_with(indent) || l.is_empty())
+        .map(|l| format!("{}\n", l.strip_prefix(indent).unwrap_or(l)))
+        .collect()
+}
+
 #[test]
 fn the_kubernetes_example_config_passes_check_with_its_secrets_mounted() {
-    let yaml = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/examples/kubernetes/sidecar.yaml"
-    ))
-    .unwrap();
-    // The ConfigMap's proxy.toml: the block indented under `proxy.toml: |`.
-    let config: String = yaml
-        .lines()
-        .skip_while(|l| !l.trim_start().starts_with("proxy.toml: |"))
-        .skip(1)
-        .take_while(|l| l.starts_with("    ") || l.is_empty())
-        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
-        .collect();
+    // The ConfigMap's proxy.toml.
+    let config = embedded_config("kubernetes/sidecar.yaml", "proxy.toml: |", "    ");
     assert!(config.contains("[upstream]"), "{config}");
     // Mount the Secrets where the pod would.
     let root = tempfile::tempdir().unwrap();
@@ -363,19 +365,8 @@ fn the_kubernetes_example_config_passes_check_with_its_secrets_mounted() {
 
 #[test]
 fn the_several_instances_example_config_passes_check_with_its_secrets_mounted() {
-    let yaml = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/examples/several-instances/compose.yaml"
-    ))
-    .unwrap();
-    // The inline config: the block indented under `content: |`.
-    let config: String = yaml
-        .lines()
-        .skip_while(|l| !l.trim_start().starts_with("content: |"))
-        .skip(1)
-        .take_while(|l| l.starts_with("      ") || l.is_empty())
-        .map(|l| format!("{}\n", l.strip_prefix("      ").unwrap_or(l)))
-        .collect();
+    // The Compose config's inline proxy.toml.
+    let config = embedded_config("several-instances/compose.yaml", "content: |", "      ");
     assert!(config.contains("urls = ["), "{config}");
     let root = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(root.path().join("keys")).unwrap();
