@@ -82,7 +82,8 @@ pub struct Mcp {
 
 const METADATA_ROOT: &str = "/.well-known/oauth-protected-resource";
 
-static MCP_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
+/// The header that carries an MCP session id.
+pub static MCP_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
 
 /// What every answer on the MCP path exposes to a browser-based client.
 const EXPOSE: HeaderValue =

@@ -12,6 +12,7 @@
 //! finished (or the client goes away). Each stage fails closed: whatever it cannot decide is
 //! refused.
 
+mod affinity;
 mod decide;
 mod exchange;
 mod rewrite;
@@ -40,6 +41,7 @@ use crate::metrics::Metrics;
 use crate::ratelimit::{RateLimits, Subject};
 use crate::streams::{StreamGuard, StreamKind, Streams};
 use crate::upstream::{ClientBody, Route, Upstream};
+use affinity::{seal_session, ANONYMOUS_OWNER};
 pub use decide::CREDENTIAL_FP;
 pub use exchange::{Exchange, LoggedBody};
 use tunnel::{Limits, Upgrade, Watch};
@@ -394,8 +396,20 @@ impl Proxy {
             .await?;
         let how = admitted.upgrade.as_ref().map(|(how, _)| *how);
         self.rewrite(&mut parts, &verified, how, conn, ex)?;
-        let owner = verified.identity.owner();
-        let route = self.session_route(&mut parts.headers, owner.as_deref(), ex)?;
+        // Whom an MCP session is sealed to, with affinity on.
+        let owner = self
+            .upstream
+            .config
+            .session_affinity
+            .as_ref()
+            .map(|_| verified.identity.owner());
+        let owner = owner
+            .as_ref()
+            .map(|o| o.as_deref().unwrap_or(ANONYMOUS_OWNER));
+        let route = match owner {
+            Some(owner) => self.session_route(&mut parts.headers, owner, ex)?,
+            None => Route::Balanced,
+        };
         ex.verified = Some(verified);
         let body = match judged {
             Ok(bytes) => ClientBody::whole(bytes),
@@ -418,14 +432,8 @@ impl Proxy {
             )
             .await?;
         let mut resp = sent.response;
-        if let Some(sealer) = &self.upstream.config.session_affinity {
-            seal_session(
-                sealer,
-                sent.attempt.index(),
-                owner.as_deref(),
-                &mut resp,
-                ex,
-            )?;
+        if let (Some(sealer), Some(owner)) = (&self.upstream.config.session_affinity, owner) {
+            seal_session(sealer, sent.attempt.index(), owner, &mut resp, ex)?;
         }
         if self.upstream.instances.len() > 1 {
             let i = sent.attempt.index();
@@ -434,41 +442,6 @@ impl Proxy {
         ex.attempt = Some(sent.attempt);
         self.accept_upgrade(resp, admitted.upgrade, ex)
             .map(Answer::Backend)
-    }
-
-    /// With MCP session affinity, where a request carrying an `Mcp-Session-Id` goes: the
-    /// sealed id is opened for the caller and the instance that issued it, and the original id
-    /// goes to that instance. Fails closed: an id that does not open for this caller (forged,
-    /// damaged, another key's, another identity's) is answered 404, MCP's answer for an
-    /// unknown session, and the backend is not asked.
-    fn session_route(
-        &self,
-        h: &mut http::HeaderMap,
-        owner: Option<&str>,
-        ex: &Exchange,
-    ) -> Result<Route, Reject> {
-        let Some(sealer) = &self.upstream.config.session_affinity else {
-            return Ok(Route::Balanced);
-        };
-        let Some(id) = headers::single(h, &MCP_SESSION_ID).map_err(|_| Reject::BadRequest)? else {
-            return Ok(Route::Balanced);
-        };
-        let opened = id
-            .to_str()
-            .map_err(|_| crate::upstream::affinity::Unsealed::Malformed)
-            .and_then(|id| sealer.open(id, owner.unwrap_or(ANONYMOUS_OWNER)));
-        match opened {
-            Ok((instance, original)) => {
-                let original =
-                    HeaderValue::from_bytes(&original).map_err(|_| Reject::SessionNotFound)?;
-                h.insert(MCP_SESSION_ID.clone(), original);
-                Ok(Route::Pinned(instance))
-            }
-            Err(why) => {
-                tracing::warn!(event = "mcp_session_refused", request_id = %ex.record.request_id, identity = owner.unwrap_or(ANONYMOUS_OWNER), reason = ?why, "an MCP session id that does not open for this caller: 404");
-                Err(Reject::SessionNotFound)
-            }
-        }
     }
 
     /// Whether this client may make `method path` (normalised), and who it is: on the MCP path
@@ -683,44 +656,6 @@ impl Proxy {
             _ => {}
         }
         Ok(resp)
-    }
-}
-
-static MCP_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
-
-/// Whom an anonymous caller's sessions are sealed to.
-const ANONYMOUS_OWNER: &str = "anonymous";
-
-/// With MCP session affinity, an `Mcp-Session-Id` an instance issued is handed to the client
-/// sealed with that instance and the caller. Fails closed: an id too long to seal (over 256
-/// bytes) cannot be routed back, so the answer is refused (502).
-fn seal_session(
-    sealer: &crate::upstream::affinity::Sealer,
-    instance: usize,
-    owner: Option<&str>,
-    resp: &mut Response<Incoming>,
-    ex: &Exchange,
-) -> Result<(), Reject> {
-    let h = resp.headers_mut();
-    let Some(original) = h.get(&MCP_SESSION_ID) else {
-        return Ok(());
-    };
-    let sealed = sealer
-        .seal(
-            instance,
-            owner.unwrap_or(ANONYMOUS_OWNER),
-            original.as_bytes(),
-        )
-        .and_then(|s| HeaderValue::from_str(&s).ok());
-    match sealed {
-        Some(v) => {
-            h.insert(MCP_SESSION_ID.clone(), v);
-            Ok(())
-        }
-        None => {
-            tracing::warn!(request_id = %ex.record.request_id, len = original.len(), "the backend issued an MCP session id longer than 256 bytes, which affinity cannot seal: 502");
-            Err(Reject::UpstreamUnavailable)
-        }
     }
 }
 

@@ -112,7 +112,6 @@ impl Upstream {
         let query = client_uri.query();
         let repeatable = idempotent(&parts.method);
         let mut tried: u64 = 0;
-        let mut last = Reject::UpstreamUnavailable;
         loop {
             let i = match route {
                 Route::Pinned(i) if tried == 0 && self.instances.healthy(i) => Some(i),
@@ -127,7 +126,7 @@ impl Upstream {
                     metrics.upstream_error("no_healthy_instance");
                     tracing::warn!(request_id = %request_id, "no healthy upstream instance");
                 }
-                return Err(last);
+                return Err(Reject::UpstreamUnavailable);
             };
             tried |= 1 << i;
             let target = self.instances.target(i);
@@ -138,7 +137,7 @@ impl Upstream {
                     .insert(http::header::HOST, target.host.clone());
             }
             let Some(this_body) = body.take() else {
-                return Err(last);
+                return Err(Reject::UpstreamUnavailable);
             };
             // Another attempt may follow this one: the request is kept to be sent again.
             let more = several && (tried.count_ones() as usize) < self.instances.len();
@@ -191,9 +190,8 @@ impl Upstream {
             });
             let retry = more && again.is_some();
             tracing::warn!(request_id = %request_id, instance = %target.label, connect, retry, error = %crate::error::chain(&failure), "upstream request failed");
-            last = Reject::UpstreamUnavailable;
             if !retry {
-                return Err(last);
+                return Err(Reject::UpstreamUnavailable);
             }
             metrics.upstream_retry();
             body = again;
