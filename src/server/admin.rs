@@ -31,8 +31,9 @@ pub struct Admin {
     pub upstream: Arc<crate::upstream::Upstream>,
 }
 
-/// `/healthz`: the process answers. `/readyz`: credentials are loaded and the backend accepts
-/// TCP connections; 503 with the same JSON detail otherwise.
+/// `/healthz`: the process answers. `/readyz`: credentials are loaded and at least one backend
+/// instance is ready (passing its health checks, or without them accepting TCP connections);
+/// 503 with the same JSON detail otherwise.
 pub async fn handle(
     admin: Arc<Admin>,
     req: Request<Incoming>,
