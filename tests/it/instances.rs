@@ -547,6 +547,18 @@ async fn mcp_sessions_stay_on_their_instance_across_replicas_and_open_for_their_
         ids1.iter().chain(&ids2).all(|id| !id.starts_with("ps1.")),
         "the backend sees its own id"
     );
+    // The session's server stream (GET) and its end (DELETE) went to its instance too.
+    let methods: std::collections::HashSet<String> = s1
+        .seen()
+        .iter()
+        .chain(s2.seen().iter())
+        .filter(|l| l["headers"]["mcp-session-id"].is_string())
+        .filter_map(|l| l["method"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        methods.contains("GET") && methods.contains("DELETE"),
+        "{methods:?}"
+    );
 
     // A session opened through one replica continues through the other (same key file).
     let r = mcp_post(&p1, PROD_KEY, None, INIT).await;
