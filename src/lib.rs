@@ -9,6 +9,7 @@ pub mod authz;
 pub mod ban;
 pub mod config;
 pub mod conn;
+pub mod cpu;
 pub mod demo;
 pub mod diag;
 pub mod error;

@@ -513,7 +513,7 @@ async fn off_runtime(f: impl FnOnce() + Send + 'static) {
     let spawned = std::thread::Builder::new()
         .name("portcullis-reload".into())
         .spawn(move || {
-            lowest_priority();
+            crate::cpu::lowest_priority();
             f();
             let _ = done.send(());
         });
@@ -531,27 +531,6 @@ async fn off_runtime(f: impl FnOnce() + Send + 'static) {
         }
     }
 }
-
-/// Put the calling thread in Linux's `SCHED_IDLE` class: any request that wakes the runtime
-/// preempts it at once (a nice-19 thread, measured, could still hold the CPU for a scheduler
-/// slice, several milliseconds, at each wake-up). It is not starved: on a saturated CPU it
-/// still gets a small share, so a reload is slower there, never lost. Where `SCHED_IDLE` is
-/// refused (a seccomp filter, say), nice 19; where that fails too, normal priority.
-#[cfg(target_os = "linux")]
-fn lowest_priority() {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: plain system calls on the calling thread (pid 0 / its own tid); `param` outlives
-    // the call.
-    unsafe {
-        if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
-            let tid = libc::gettid();
-            let _ = libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
-        }
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn lowest_priority() {}
 
 /// How long to wait for a burst of events to settle before reloading.
 pub const DEBOUNCE: Duration = Duration::from_millis(300);

@@ -1,7 +1,10 @@
 //! HTTP Basic verification against an htpasswd file, made cheap and safe to expose.
 //!
-//! - Slow hashes (bcrypt, SHA-crypt, MD5-crypt) run on the blocking pool, at most one per CPU
-//!   at a time, so a bcrypt never stalls other connections.
+//! - Slow hashes (bcrypt, SHA-crypt, MD5-crypt) run on a pool of one thread per CPU but one (at
+//!   least one) at the lowest scheduling priority (`SCHED_IDLE`), so the event loop always
+//!   wins a core: a flood of wrong passwords never stalls requests that need no hash. At most
+//!   [`QUEUE_PER_THREAD`] verifications per thread wait; one more is refused at once (429)
+//!   rather than waited for.
 //! - A success is remembered for `ttl`: the cache key is a keyed SHA-256 of user, password and
 //!   the stored hash (with a per-process random key, so the cache holds nothing a dump could
 //!   brute-force offline). A changed entry therefore never matches an old cache line. Failures
@@ -22,20 +25,25 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use tokio::sync::{OnceCell, Semaphore};
+use tokio::sync::OnceCell;
 
 use super::htpasswd::Htpasswd;
 use crate::ban::ClientKey;
+use crate::cpu::IdlePool;
 
 /// Slow verifications one client may have in flight.
 pub const MAX_SLOW_PER_CLIENT: u32 = 4;
+
+/// Slow verifications that may wait, per hashing thread (bcrypt cost 10 takes about 50 ms
+/// here: about 0.8 s of waiting at most).
+pub const QUEUE_PER_THREAD: usize = 16;
 
 /// What a verification found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Valid,
     Invalid,
-    /// Too many slow verifications in flight for this client.
+    /// Too many slow verifications in flight for this client, or waiting for a hashing thread.
     Throttled,
 }
 
@@ -44,12 +52,20 @@ pub struct BasicVerifier {
     ttl: Duration,
     capacity: usize,
     cache: Mutex<Cache>,
-    inflight: Mutex<HashMap<[u8; 32], Arc<OnceCell<bool>>>>,
+    /// A verification running or queued, by cache key.
+    inflight: Mutex<HashMap<[u8; 32], Arc<Outcome>>>,
     per_client: Mutex<HashMap<ClientKey, u32>>,
-    cpu: Semaphore,
+    /// Where slow hashes run.
+    hashers: IdlePool,
+    /// Verifications refused because every hashing thread was busy and the queue full.
+    pub refused_busy: AtomicU64,
     /// Hash computations so far (slow and fast), for tests and metrics.
     pub computed: AtomicU64,
 }
+
+/// A slow verification's result, shared by the requests that wait for it: whether the
+/// password matched, or `None` when it was refused (every hashing thread busy, the queue full).
+type Outcome = OnceCell<Option<bool>>;
 
 #[derive(Default)]
 struct Cache {
@@ -62,7 +78,7 @@ impl BasicVerifier {
         let mut secret = [0u8; 32];
         // Without randomness the cache key is still a digest, only not a keyed one.
         let _ = getrandom::fill(&mut secret);
-        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let threads = IdlePool::cores_but_one();
         BasicVerifier {
             secret,
             ttl,
@@ -70,7 +86,8 @@ impl BasicVerifier {
             cache: Mutex::default(),
             inflight: Mutex::default(),
             per_client: Mutex::default(),
-            cpu: Semaphore::new(cpus),
+            hashers: IdlePool::new("portcullis-hash", threads, threads * QUEUE_PER_THREAD),
+            refused_busy: AtomicU64::new(0),
             computed: AtomicU64::new(0),
         }
     }
@@ -170,7 +187,7 @@ impl BasicVerifier {
                     else {
                         return Verdict::Throttled;
                     };
-                    let cell = Arc::<OnceCell<bool>>::default();
+                    let cell = Arc::<Outcome>::default();
                     inflight.insert(key, cell.clone());
                     (cell, Some(slot))
                 }
@@ -178,13 +195,16 @@ impl BasicVerifier {
         };
         let matched = *cell
             .get_or_init(|| async {
-                let _cpu = self.cpu.acquire().await.ok();
-                self.computed.fetch_add(1, Ordering::Relaxed);
                 let hash = entry.hash.clone();
                 let password = password.to_vec();
-                tokio::task::spawn_blocking(move || hash.verify(&password))
-                    .await
-                    .unwrap_or(false)
+                let queued = self.hashers.try_run(move || hash.verify(&password));
+                let Some(result) = queued else {
+                    self.refused_busy.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                };
+                self.computed.fetch_add(1, Ordering::Relaxed);
+                // A thread that died mid-hash verified nothing.
+                Some(result.await.unwrap_or(false))
             })
             .await;
         {
@@ -193,11 +213,13 @@ impl BasicVerifier {
                 inflight.remove(&key);
             }
         }
-        if matched && known {
-            self.remember(key, now);
-            Verdict::Valid
-        } else {
-            Verdict::Invalid
+        match matched {
+            None => Verdict::Throttled,
+            Some(true) if known => {
+                self.remember(key, now);
+                Verdict::Valid
+            }
+            Some(_) => Verdict::Invalid,
         }
     }
 

@@ -279,8 +279,9 @@ async fn requests_without_credentials_never_ban() {
 #[tokio::test]
 async fn a_bcrypt_in_progress_does_not_delay_an_api_key_request() {
     let backend = Backend::ok().await;
-    // Cost 14: long enough (about a second here) that the key request surely overlaps it.
-    let hash = bcrypt::hash("slow", 14).unwrap();
+    // Cost 12: long enough (a few hundred ms in a debug build) that the key request surely
+    // overlaps it, short enough for a hashing thread at the lowest priority on a busy machine.
+    let hash = bcrypt::hash("slow", 12).unwrap();
     let proxy = with_htpasswd(&backend, &format!("slow:{hash}\n"), "", "").await;
     let url = proxy.url("/");
     let slow = {
@@ -342,4 +343,78 @@ async fn one_client_cannot_flood_the_hasher() {
         throttled >= 1,
         "eight concurrent guesses from one client were all hashed"
     );
+}
+
+#[tokio::test]
+async fn slow_hashes_wait_in_a_bounded_queue_and_beyond_it_are_refused_at_once() {
+    // As many hashing threads as CPUs but one (at least one), each with 16 places to wait.
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .saturating_sub(1)
+        .max(1);
+    let capacity = threads * (1 + 16);
+    let backend = Backend::ok().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("users.htpasswd");
+    std::fs::write(&path, format!("u:{}\n", bcrypt::hash("x", 8).unwrap())).unwrap();
+    let proxy = Proxy::start_with(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         trusted_proxies = [\"127.0.0.1/32\"]\n\
+         [upstream]\nurl = \"{}\"\n\
+         [auth]\nkeys_file = \"keys.toml\"\nhtpasswd_file = \"{}\"\n[ban]\nenabled = false\n",
+        backend.url(),
+        path.display()
+    ))
+    .await;
+    // Distinct wrong passwords from many clients (four each: the per-client bound), all at
+    // once: more than the threads and the queue hold.
+    let total = capacity + 12;
+    let url = proxy.url("/");
+    let tasks: Vec<_> = (0..total)
+        .map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let client = format!("192.0.2.{}", i / 4 + 1);
+                get(
+                    &url,
+                    &[
+                        ("authorization", &basic_auth("u", &format!("guess{i}"))),
+                        ("x-forwarded-for", &client),
+                    ],
+                )
+                .await
+            })
+        })
+        .collect();
+    // A request that needs no hash is answered meanwhile.
+    let r = get(&url, &[("authorization", &bearer(PROD_KEY))]).await;
+    assert_eq!(r.status, 200);
+    let (mut refused, mut wrong) = (0, 0);
+    for t in tasks {
+        let r = t.await.unwrap();
+        match r.status.as_u16() {
+            401 => wrong += 1,
+            429 => {
+                assert_eq!(r.error_code(), "rate_limited");
+                assert_eq!(r.headers["retry-after"], "1");
+                refused += 1;
+            }
+            s => panic!("unexpected {s}"),
+        }
+    }
+    let verifier = &proxy.inner().auth.basic;
+    assert!(
+        refused >= 1,
+        "{total} concurrent verifications were all queued"
+    );
+    assert!(wrong <= capacity, "{wrong} hashed with room for {capacity}");
+    assert_eq!(
+        verifier
+            .refused_busy
+            .load(std::sync::atomic::Ordering::Relaxed),
+        refused as u64
+    );
+    // The queue drains: a right password is verified again.
+    let r = get(&url, &[("authorization", &basic_auth("u", "x"))]).await;
+    assert_eq!(r.status, 200);
 }
