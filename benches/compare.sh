@@ -36,6 +36,13 @@
 #                    upstream for the checks) against nginx doing the apikey job's `map` check
 #                    itself; both nginx and portcullis on core 0, loaded in turn within each
 #                    round; CPU per request counts nginx and portcullis together
+#   flood            head-of-line under a flood, portcullis alone and free to use both cores (as
+#                    most people run it): API-key req/s while 16 connections send random wrong
+#                    Basic passwords for a bcrypt-10 user, against API-key req/s while 16
+#                    connections send random invalid API keys (no hash); the two floods take
+#                    turns within each round; reports the ratio (1.0: a password flood costs the
+#                    key traffic no more than a flood that needs no hash). Bans are off, so
+#                    the flood is never cut short
 #   noauth           no authentication (portcullis anonymous = true; nginx plain proxy_pass)
 #   idle10k          10,000 idle keep-alive connections held open: resident memory of each
 #                    proxy (RSS after minus before), not throughput
@@ -301,6 +308,15 @@ for scenario in "${@:-basic-bcrypt10 noauth}"; do
         nginx_conf "$s-nginx" "server { listen 127.0.0.1:$NGINX_PORT; location / { auth_basic bench; auth_basic_user_file $dir/htpasswd; $PROXY_LOCATION } }"
         auth="htpasswd_file = \"$dir/htpasswd\""
         ;;
+      flood)
+        htpasswd -cb -B -C 10 "$dir/htpasswd" bench 'bench password' 2>/dev/null
+        printf '[[keys]]\nname = "bench"\napi_key = "%s"\n' "$KEY" > "$dir/keys.toml"
+        auth_header=("Authorization: Bearer $KEY")
+        auth="keys_file = \"$dir/keys.toml\"
+htpasswd_file = \"$dir/htpasswd\""
+        rate="requests_per_second = 100000
+burst = 100000"
+        ;;
       apikey|apikey-tls|idle10k|latency2k|websocket|instructions|reload10k|mcp|mcp-policy|forward-auth|instances)
         printf '[[keys]]\nname = "bench"\napi_key = "%s"\n' "$KEY" > "$dir/keys.toml"
         if [ "$s" = mcp ] || [ "$s" = mcp-policy ]; then
@@ -446,6 +462,64 @@ EOF
         "$s" "$s_max" "$s_reloads" "$s_p99" "$s_n" "$q_max" "$q_p99" "${taken:-?}"
       printf '| %s | | | | | | worst request during %s reloads of 10,000 keys: %s µs (p99 %s); without reloads: %s µs (p99 %s) | | |\n' \
         "$s" "$s_reloads" "$s_max" "$s_p99" "$q_max" "$q_p99" >> "$report"
+      stop_all_but_backend
+      continue
+    fi
+    if [ "$s" = flood ]; then
+      # Random credentials per request: wrong passwords for the bcrypt user, or keys that
+      # match nothing.
+      cat > "$dir/flood.lua" <<'LUA'
+local b = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+local function base64(s)
+  return ((s:gsub(".", function(x)
+    local r, c = "", x:byte()
+    for i = 8, 1, -1 do r = r .. (c % 2 ^ i - c % 2 ^ (i - 1) > 0 and "1" or "0") end
+    return r
+  end) .. "0000"):gsub("%d%d%d?%d?%d?%d?", function(x)
+    if #x < 6 then return "" end
+    local c = 0
+    for i = 1, 6 do c = c + (x:sub(i, i) == "1" and 2 ^ (6 - i) or 0) end
+    return b:sub(c + 1, c + 1)
+  end) .. ({ "", "==", "=" })[#s % 3 + 1])
+end
+local kind = os.getenv("FLOOD")
+math.randomseed(os.time() + tonumber(tostring({}):match("0x(%x+)"), 16) % 100000)
+request = function()
+  local n = tostring(math.random(1, 2 ^ 31)) .. tostring(math.random(1, 2 ^ 31))
+  local h
+  if kind == "password" then
+    h = "Basic " .. base64("bench:" .. n)
+  else
+    h = "Bearer mas_" .. n .. "0000000000000000000000000000000000000"
+  end
+  return wrk.format(nil, nil, { ["Authorization"] = h })
+end
+LUA
+      taskset -c 0,1 "$PORTCULLIS" --config "$dir/proxy.toml" >> "$work/processes.log" 2>&1 &
+      pids+=($!)
+      wait_port $PORTCULLIS_PORT
+      url="http://127.0.0.1:$PORTCULLIS_PORT/"
+      flood_secs=$(( ${DURATION%s} + 2 ))
+      under_flood() { # password|key: API-key "rate p50 p99" measured while the flood runs
+        FLOOD=$1 taskset -c 0,1 wrk -t1 -c16 -d"${flood_secs}s" -s "$dir/flood.lua" "$url" > "$dir/flood-$1.out" &
+        local flooder=$!
+        sleep 1
+        rps "$url" "${auth_header[@]}"
+        wait "$flooder"
+      }
+      DURATION=1s rps "$url" "${auth_header[@]}" >/dev/null
+      : > "$dir/password"; : > "$dir/key"
+      for _ in $(seq "$ROUNDS"); do
+        idle_gate; under_flood key >> "$dir/key"
+        idle_gate; under_flood password >> "$dir/password"
+      done
+      col() { awk -v c="$2" '{print $c}' "$1" | median; }
+      k=$(col "$dir/key" 1); pw=$(col "$dir/password" 1)
+      rr=$(paste -d' ' "$dir/key" "$dir/password" | awk '{print $4 / $1}' | median)
+      printf '%-14s API-key req/s during an invalid-key flood %.0f (%s/%s µs p50/p99), during a bcrypt-10 password flood %.0f (%s/%s µs): %.2fx (median of per-round ratios)\n' \
+        "$s" "$k" "$(col "$dir/key" 2)" "$(col "$dir/key" 3)" "$pw" "$(col "$dir/password" 2)" "$(col "$dir/password" 3)" "$rr"
+      printf '| %s | | invalid-key flood: %.0f | password flood: %.0f | %.2f× (head-of-line ratio) | %s / %s | %s / %s | | |\n' \
+        "$s" "$k" "$pw" "$rr" "$(col "$dir/key" 2)" "$(col "$dir/key" 3)" "$(col "$dir/password" 2)" "$(col "$dir/password" 3)" >> "$report"
       stop_all_but_backend
       continue
     fi

@@ -90,7 +90,7 @@ impl IdlePool {
     }
 
     /// Queue `f` and get a receiver for its result, or `None` at once when the queue is full
-    /// (or no worker could be started).
+    /// (or no worker could be started). Dropping the receiver before `f` starts skips it.
     pub fn try_run<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
@@ -98,7 +98,10 @@ impl IdlePool {
         let tx = self.sender.get_or_init(|| self.start()).as_ref()?;
         let (done, result) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move || {
-            let _ = done.send(f());
+            // Nobody waits for it any more (the client went away): not worth the CPU.
+            if !done.is_closed() {
+                let _ = done.send(f());
+            }
         });
         match tx.try_send(job) {
             Ok(()) => Some(result),
@@ -163,6 +166,19 @@ mod tests {
         for r in queued {
             assert_eq!(r.await.unwrap(), 1);
         }
+        // A job nobody waits for any more is skipped.
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let busy = pool.try_run(move || hold.recv().is_ok()).unwrap();
+        let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = ran.clone();
+        drop(pool.try_run(move || flag.store(true, std::sync::atomic::Ordering::SeqCst)));
+        release.send(()).unwrap();
+        assert!(busy.await.unwrap());
+        assert_eq!(pool.try_run(|| 2).unwrap().await.unwrap(), 2);
+        assert!(
+            !ran.load(std::sync::atomic::Ordering::SeqCst),
+            "an abandoned job ran"
+        );
         // A job that panics yields no result, and the worker goes on.
         assert!(pool.try_run(|| panic!("boom")).unwrap().await.is_err());
         assert_eq!(pool.try_run(|| 7).unwrap().await.unwrap(), 7);
