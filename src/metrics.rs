@@ -221,6 +221,8 @@ pub struct Sources {
     pub jwks: Option<Arc<crate::auth::jwks::Jwks>>,
     /// The backend instances' state.
     pub upstream: Arc<dyn InstanceReport>,
+    /// Who verifies passwords (the hashing pool's refusals).
+    pub auth: Arc<crate::auth::Auth>,
 }
 
 /// The registry served on `/metrics`: the event metrics and the state collector.
@@ -377,6 +379,12 @@ impl Collector for State {
             jwks_state(&mut e, &jwks.status())?;
         }
         instances(&mut e, &s.upstream.instance_rows())?;
+        counter(
+            &mut e,
+            "portcullis_password_verifications_refused",
+            "Slow password verifications refused at once (429) because every hashing thread was busy and the queue full",
+            s.auth.basic.refused_busy.load(std::sync::atomic::Ordering::Relaxed),
+        )?;
         if let Some(link) = &s.redis {
             counter(
                 &mut e,

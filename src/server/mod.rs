@@ -187,6 +187,7 @@ impl Server {
             redis,
             jwks: auth.jwt.clone(),
             upstream: proxy.upstream().instances.clone(),
+            auth: auth.clone(),
         };
         let admin = admin::Admin {
             registry: crate::metrics::registry(&proxy.metrics, metrics),

@@ -414,6 +414,11 @@ async fn slow_hashes_wait_in_a_bounded_queue_and_beyond_it_are_refused_at_once()
             .load(std::sync::atomic::Ordering::Relaxed),
         refused as u64
     );
+    let s = scrape(&proxy).await;
+    assert_eq!(
+        value(&s, "portcullis_password_verifications_refused_total", &[]),
+        refused as f64
+    );
     // The queue drains: a right password is verified again.
     let r = get(&url, &[("authorization", &basic_auth("u", "x"))]).await;
     assert_eq!(r.status, 200);
