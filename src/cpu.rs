@@ -59,14 +59,6 @@ impl IdlePool {
             .max(1)
     }
 
-    pub fn threads(&self) -> usize {
-        self.threads
-    }
-
-    pub fn queue(&self) -> usize {
-        self.queue
-    }
-
     fn start(&self) -> Option<SyncSender<Job>> {
         let (tx, rx) = sync_channel::<Job>(self.queue);
         let rx = Arc::new(Mutex::new(rx));

@@ -411,42 +411,30 @@ struct InstanceKindLabels {
 /// Each backend instance (label: its URL as configured, so bounded by the config): healthy,
 /// in flight, attempts, failed attempts by kind.
 fn instances(e: &mut DescriptorEncoder, list: &[InstanceRow]) -> std::fmt::Result {
-    let label = |st: &InstanceRow| InstanceLabels {
-        instance: st.url.clone(),
-    };
-    {
-        let mut m = e.encode_descriptor(
-            "portcullis_upstream_instance_up",
-            "1 when requests may go to the instance (healthy, not left out after a failed connection)",
-            None,
-            MetricType::Gauge,
-        )?;
-        for st in list {
-            ConstGauge::new(if st.up { 1.0 } else { 0.0 }).encode(m.encode_family(&label(st))?)?;
-        }
-    }
-    {
-        let mut m = e.encode_descriptor(
-            "portcullis_upstream_instance_in_flight",
-            "Requests and streams in flight to the instance",
-            None,
-            MetricType::Gauge,
-        )?;
-        for st in list {
-            ConstGauge::new(st.in_flight as f64).encode(m.encode_family(&label(st))?)?;
-        }
-    }
-    {
-        let mut m = e.encode_descriptor(
-            "portcullis_upstream_instance_requests",
-            "Attempts sent to the instance",
-            None,
-            MetricType::Counter,
-        )?;
-        for st in list {
-            ConstCounter::new(st.requests).encode(m.encode_family(&label(st))?)?;
-        }
-    }
+    per_instance(
+        e,
+        "portcullis_upstream_instance_up",
+        "1 when requests may go to the instance (healthy, not left out after a failed connection)",
+        MetricType::Gauge,
+        list,
+        |st| u64::from(st.up),
+    )?;
+    per_instance(
+        e,
+        "portcullis_upstream_instance_in_flight",
+        "Requests and streams in flight to the instance",
+        MetricType::Gauge,
+        list,
+        |st| st.in_flight as u64,
+    )?;
+    per_instance(
+        e,
+        "portcullis_upstream_instance_requests",
+        "Attempts sent to the instance",
+        MetricType::Counter,
+        list,
+        |st| st.requests,
+    )?;
     let mut m = e.encode_descriptor(
         "portcullis_upstream_instance_failures",
         "Failed attempts on the instance, by kind (connect, timeout, reset, protocol)",
@@ -460,6 +448,29 @@ fn instances(e: &mut DescriptorEncoder, list: &[InstanceRow]) -> std::fmt::Resul
                 kind,
             };
             ConstCounter::new(*n).encode(m.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
+}
+
+/// One family with a value per instance, a gauge or a counter.
+fn per_instance(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    list: &[InstanceRow],
+    value: impl Fn(&InstanceRow) -> u64,
+) -> std::fmt::Result {
+    let mut m = e.encode_descriptor(name, help, None, kind)?;
+    for st in list {
+        let labels = InstanceLabels {
+            instance: st.url.clone(),
+        };
+        let family = m.encode_family(&labels)?;
+        match kind {
+            MetricType::Counter => ConstCounter::new(value(st)).encode(family)?,
+            _ => ConstGauge::new(value(st) as f64).encode(family)?,
         }
     }
     Ok(())

@@ -27,8 +27,8 @@ pub struct Admin {
     pub registry: prometheus_client::registry::Registry,
     /// The issuer's key set, with `[auth.jwt]`.
     pub jwks: Option<Arc<crate::auth::jwks::Jwks>>,
-    /// The backend instances.
-    pub upstream: Arc<crate::upstream::Upstream>,
+    /// The backend instances' state.
+    pub upstream: Arc<crate::upstream::Instances>,
 }
 
 /// `/healthz`: the process answers. `/readyz`: credentials are loaded and at least one backend
@@ -216,9 +216,11 @@ async fn upstream_readiness(admin: &Admin) -> Vec<serde_json::Value> {
     let cfg = &admin.config.upstream;
     let status = admin.upstream.status();
     let limit = Duration::from_secs(1).min(cfg.connect_timeout);
+    // With health checks their verdict is the answer: nothing is probed.
     let probes: Vec<_> = cfg
         .targets
         .iter()
+        .filter(|_| cfg.health.is_none())
         .map(|t| {
             let default_port = if t.scheme == http::uri::Scheme::HTTPS {
                 443
@@ -227,23 +229,17 @@ async fn upstream_readiness(admin: &Admin) -> Vec<serde_json::Value> {
             };
             let port = t.authority.port_u16().unwrap_or(default_port);
             let host = t.authority.host().trim_matches(['[', ']']).to_string();
-            let checked = cfg.health.is_some();
             tokio::spawn(async move {
-                if checked {
-                    return None;
-                }
                 let connect = TcpStream::connect((host.as_str(), port));
-                Some(matches!(
-                    tokio::time::timeout(limit, connect).await,
-                    Ok(Ok(_))
-                ))
+                matches!(tokio::time::timeout(limit, connect).await, Ok(Ok(_)))
             })
         })
         .collect();
-    let mut reachable = Vec::with_capacity(probes.len());
+    let mut reachable = Vec::with_capacity(status.len());
     for p in probes {
-        reachable.push(p.await.unwrap_or(Some(false)));
+        reachable.push(Some(p.await.unwrap_or(false)));
     }
+    reachable.resize(status.len(), None);
     status
         .into_iter()
         .zip(reachable)

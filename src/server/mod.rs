@@ -197,7 +197,7 @@ impl Server {
             streams,
             tls: resolver,
             jwks: auth.jwt.clone(),
-            upstream: proxy.upstream().clone(),
+            upstream: proxy.upstream().instances.clone(),
         };
         spawn_admin(&ctx, listeners.admin, admin);
         if let Some(jwks) = &auth.jwt {

@@ -35,10 +35,13 @@ impl Upstream {
             match self.probe(i, &check).await {
                 Ok(()) => {
                     (good, bad) = (good.saturating_add(1), 0);
-                    if !self.instances.healthy(i) && good >= check.healthy_threshold {
+                    let healthy = self.instances.healthy(i);
+                    let back = !healthy && good >= check.healthy_threshold;
+                    if back {
                         tracing::info!(event = "upstream_instance_up", instance = %label, checks = good, "upstream instance healthy again: back in rotation");
-                        self.instances.set_healthy(i, true);
-                    } else if self.instances.healthy(i) {
+                    }
+                    // Still up or back: either way a passive ejection ends.
+                    if healthy || back {
                         self.instances.set_healthy(i, true);
                     }
                 }

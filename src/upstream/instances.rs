@@ -251,9 +251,10 @@ impl Instances {
             inst.failures[k].fetch_add(1, Ordering::Relaxed);
         }
         if kind == "connect" && self.list.len() > 1 {
-            let until = self.now_ms() + self.eject_for.as_millis() as u64;
+            let now = self.now_ms();
+            let until = now + self.eject_for.as_millis() as u64;
             let was = inst.ejected_until.swap(until, Ordering::Relaxed);
-            if was == 0 || was < self.now_ms() {
+            if was == 0 || was < now {
                 tracing::warn!(event = "upstream_ejected", instance = %inst.target.label, seconds = self.eject_for.as_secs_f64(), "connection to an upstream instance failed: left out");
             }
         }

@@ -197,11 +197,6 @@ impl Upstream {
             body = again;
         }
     }
-
-    /// Every instance's state (for `/readyz` and the metrics).
-    pub fn status(&self) -> Vec<InstanceStatus> {
-        self.instances.status()
-    }
 }
 
 /// Methods a backend may receive twice without a different effect (RFC 9110 §9.2.2).
