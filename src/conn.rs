@@ -29,6 +29,9 @@ pub struct ConnInfo {
     pub framing: Arc<crate::framing::Conflicts>,
     /// Requests begun on this connection so far.
     pub requests: AtomicU64,
+    /// The backend connection an HTTP/1 client connection keeps for itself, polled by the task
+    /// that serves it (`server::accept`); `None` for HTTP/2 clients and the other listeners.
+    pub own: Option<crate::upstream::OwnConnection>,
 }
 
 impl ConnInfo {
@@ -46,6 +49,7 @@ impl ConnInfo {
             slot,
             framing: Arc::default(),
             requests: AtomicU64::new(0),
+            own: None,
         }
     }
 }

@@ -427,6 +427,7 @@ impl Proxy {
                 &admitted.path,
                 body,
                 route,
+                conn.own.as_ref().filter(|_| admitted.upgrade.is_none()),
                 &self.metrics,
                 &ex.record.request_id,
             )

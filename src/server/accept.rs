@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::conn::{Activity, ActivityIo, ConnInfo, ConnSlot};
 use crate::proxy::Proxy;
+use crate::upstream::OwnConnection;
 
 #[derive(Clone)]
 pub(super) struct Accept {
@@ -156,37 +157,50 @@ impl Accept {
         let peer = info.peer;
         let activity = info.activity.clone();
         let framing = info.framing.clone();
+        let conn_info = info.clone();
         let svc = service_fn(move |req| Box::pin(proxy.clone().handle(req, info.clone())));
+        let own = conn_info.own.as_ref();
         if h2 {
             let conn = builders.h2.serve_connection(io, svc);
             let stop = hyper::server::conn::http2::Connection::graceful_shutdown;
-            Box::pin(self.drive(conn, stop, &activity, peer)).await
+            Box::pin(self.drive(conn, stop, &activity, peer, own)).await
         } else {
             let io = crate::framing::Framing::new(io, framing);
             let conn = builders.h1.serve_connection(io, svc).with_upgrades();
             let stop = hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown;
-            Box::pin(self.drive(conn, stop, &activity, peer)).await
+            Box::pin(self.drive(conn, stop, &activity, peer, own)).await
+        }
+        if let Some(own) = own {
+            own.close();
         }
     }
 
     /// Run one proxy connection to its end: graceful close on shutdown or when idle, abrupt
-    /// close when the shutdown grace runs out.
+    /// close when the shutdown grace runs out. The client connection's own backend
+    /// connection, if any, is polled here beside it: one task serves both.
     async fn drive<C>(
         &self,
         conn: C,
         graceful_shutdown: fn(Pin<&mut C>),
         activity: &Activity,
         peer: SocketAddr,
+        own: Option<&OwnConnection>,
     ) where
         C: std::future::Future<Output = hyper::Result<()>>,
     {
         tokio::pin!(conn);
         let idle = self.idle_timeout;
-        let idle_timer = tokio::time::sleep(idle);
+        // The owned backend connection is closed sooner than the client's when idle.
+        let own_idle = crate::upstream::OWNED_IDLE;
+        let idle_timer = tokio::time::sleep(match own {
+            Some(_) => idle.min(own_idle),
+            None => idle,
+        });
         tokio::pin!(idle_timer);
         let mut draining = false;
         loop {
             tokio::select! {
+                biased;
                 res = conn.as_mut() => {
                     if let Err(e) = res {
                         tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
@@ -197,6 +211,7 @@ impl Accept {
                     draining = true;
                     graceful_shutdown(conn.as_mut());
                 }
+                _ = std::future::poll_fn(|cx| own.map_or(std::task::Poll::Pending, |o| o.poll_drive(cx))), if own.is_some() => {}
                 _ = self.force.cancelled() => return,
                 _ = &mut idle_timer, if !draining => {
                     let busy = activity.in_flight.load(std::sync::atomic::Ordering::Relaxed) > 0;
@@ -213,10 +228,19 @@ impl Accept {
                         tracing::debug!(peer = %peer, "idle timeout; closing connection");
                         draining = true;
                         graceful_shutdown(conn.as_mut());
-                    } else {
-                        let next = if busy { (now + idle).min(stalled_at) } else { deadline };
-                        idle_timer.as_mut().reset(next.into());
+                        continue;
                     }
+                    let mut next = if busy { (now + idle).min(stalled_at) } else { deadline };
+                    if let Some(o) = own.filter(|o| !busy && o.holds()) {
+                        let release = activity.last() + own_idle;
+                        if release <= now {
+                            tracing::debug!(peer = %peer, "client idle; closing its backend connection");
+                            o.close();
+                        } else {
+                            next = next.min(release);
+                        }
+                    }
+                    idle_timer.as_mut().reset(next.into());
                 }
             }
         }
@@ -246,7 +270,9 @@ impl Accept {
                     let Some(h2) = ctx.first_bytes(&stream, peer).await else {
                         return;
                     };
-                    let info = Arc::new(ConnInfo::new(peer, activity.clone(), None, permit));
+                    let mut info = ConnInfo::new(peer, activity.clone(), None, permit);
+                    info.own = (!h2).then(OwnConnection::default);
+                    let info = Arc::new(info);
                     let io = TokioIo::new(ActivityIo::new(stream, activity));
                     return ctx.serve_proxied(io, h2, proxy, info, &builders).await;
                 };
@@ -270,7 +296,9 @@ impl Accept {
                     .and_then(|chain| chain.first())
                     .and_then(crate::tls::client_identity)
                     .map(Arc::from);
-                let info = Arc::new(ConnInfo::new(peer, activity, client_cert, permit));
+                let mut info = ConnInfo::new(peer, activity, client_cert, permit);
+                info.own = (!h2).then(OwnConnection::default);
+                let info = Arc::new(info);
                 ctx.serve_proxied(TokioIo::new(stream), h2, proxy, info, &builders)
                     .await;
             })
@@ -306,7 +334,7 @@ impl Accept {
                     .header_read_timeout(ctx.header_read_timeout);
                 let conn = b.serve_connection(io, svc);
                 let stop = hyper::server::conn::http1::Connection::graceful_shutdown;
-                ctx.drive(conn, stop, &activity, peer).await;
+                ctx.drive(conn, stop, &activity, peer, None).await;
             })
         }
     }
@@ -331,7 +359,7 @@ impl Accept {
                     .header_read_timeout(Duration::from_secs(10));
                 let conn = b.serve_connection(io, svc);
                 let stop = hyper::server::conn::http1::Connection::graceful_shutdown;
-                ctx.drive(conn, stop, &activity, peer).await;
+                ctx.drive(conn, stop, &activity, peer, None).await;
                 drop(permit);
             })
         }

@@ -53,8 +53,8 @@ impl Target {
         }
     }
 
-    /// The instance's URI for a (normalised) path and the client's query.
-    pub fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, Reject> {
+    /// The instance's path and query for a (normalised) path and the client's query.
+    pub fn path_and_query(&self, path: &str, query: Option<&str>) -> Result<PathAndQuery, Reject> {
         let mut pq = String::with_capacity(self.base_path.len() + path.len() + 1);
         pq.push_str(&self.base_path);
         pq.push_str(path);
@@ -62,13 +62,22 @@ impl Target {
             pq.push('?');
             pq.push_str(q);
         }
-        let pq = PathAndQuery::try_from(pq).map_err(|_| Reject::BadRequest)?;
+        PathAndQuery::try_from(pq).map_err(|_| Reject::BadRequest)
+    }
+
+    /// The instance's absolute URI for a path and query.
+    pub fn absolute(&self, pq: PathAndQuery) -> Result<Uri, Reject> {
         Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
             .path_and_query(pq)
             .build()
             .map_err(|_| Reject::BadRequest)
+    }
+
+    /// The instance's URI for a (normalised) path and the client's query.
+    pub fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, Reject> {
+        self.absolute(self.path_and_query(path, query)?)
     }
 }
 

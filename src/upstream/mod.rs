@@ -12,12 +12,13 @@ mod body;
 mod config;
 mod health;
 mod instances;
+mod own;
 
 use std::io;
 use std::sync::Arc;
 
 use http::request::Parts;
-use http::{Method, Request, Response};
+use http::{Method, Request, Response, Uri};
 use http_body_util::LengthLimitError;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
@@ -35,11 +36,18 @@ pub use config::{HostHeader, UpstreamConfig, UpstreamProtocol};
 pub use instances::{
     Balance, HealthCheck, InFlight, InstanceStatus, Instances, Target, FAILURE_KINDS, MAX_INSTANCES,
 };
+use own::{Claim, OwnedCount};
+pub use own::{OwnConnection, OWNED_IDLE};
 
 /// The backend: its instances, and the pooled client that takes requests there.
 pub struct Upstream {
     pub config: UpstreamConfig,
     client: Client<HttpsConnector<HttpConnector>, ClientBody>,
+    /// What opens a client connection's own backend connection (see `own.rs`).
+    connector: HttpsConnector<HttpConnector>,
+    h1: hyper::client::conn::http1::Builder,
+    /// The client connections' own backend connections open now (at most `own::MAX_OWNED`).
+    owned: OwnedCount,
     pub instances: Arc<Instances>,
 }
 
@@ -65,6 +73,8 @@ impl Upstream {
         connector.set_connect_timeout(Some(up.connect_timeout));
         connector.enforce_http(false);
         let connector = upstream_connector(connector, up);
+        let mut h1 = hyper::client::conn::http1::Builder::new();
+        h1.writev(false);
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
@@ -74,7 +84,10 @@ impl Upstream {
             .http1_writev(false)
             .http2_only(up.protocol == UpstreamProtocol::Http2);
         Upstream {
-            client: builder.build(connector),
+            client: builder.build(connector.clone()),
+            connector,
+            h1,
+            owned: OwnedCount::default(),
             instances: Arc::new(Instances::new(&up.targets, up.balance, up.eject_for)),
             config: up.clone(),
         }
@@ -89,15 +102,22 @@ impl Upstream {
     /// with an empty body. A pinned request has only its instance: when that is down or
     /// unreachable, its session is gone (404). A failure is named: the client's body (413 over
     /// the limit, 400 when it broke) or the backend's (502, 504), counted by kind and instance.
+    ///
+    /// `own` is the client connection's own backend connection (HTTP/1 clients, no upgrade):
+    /// used when it goes to the chosen instance and is free, opened when there is none; the
+    /// pool otherwise.
+    #[allow(clippy::too_many_arguments)]
     pub async fn send(
         &self,
         mut parts: Parts,
         path: &str,
         body: ClientBody,
         route: Route,
+        own: Option<&OwnConnection>,
         metrics: &Metrics,
         request_id: &Text,
     ) -> Result<Sent, Reject> {
+        let own = own.filter(|_| self.config.protocol == UpstreamProtocol::Http1);
         let timeout = self.config.response_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
         let several = route == Route::Balanced && self.instances.len() > 1;
@@ -112,6 +132,8 @@ impl Upstream {
         let query = client_uri.query();
         let repeatable = idempotent(&parts.method);
         let mut tried: u64 = 0;
+        // A request given back unsent by the attempt before (its connection never opened).
+        let mut unsent: Option<Request<ClientBody>> = None;
         loop {
             let i = match route {
                 Route::Pinned(i) if tried == 0 && self.instances.healthy(i) => Some(i),
@@ -130,32 +152,64 @@ impl Upstream {
             };
             tried |= 1 << i;
             let target = self.instances.target(i);
-            parts.uri = target.uri(path, query)?;
-            if self.config.host_header == HostHeader::Upstream {
-                parts
-                    .headers
-                    .insert(http::header::HOST, target.host.clone());
-            }
-            let Some(this_body) = body.take() else {
-                return Err(Reject::UpstreamUnavailable);
+            // The owned connection when it can take this request; the pool otherwise.
+            let claim = own.and_then(|o| Some((o, o.claim(i, &self.owned)?)));
+            let pq = target.path_and_query(path, query)?;
+            let uri = match claim {
+                Some(_) => Uri::from(pq),
+                None => target.absolute(pq)?,
             };
-            // Another attempt may follow this one: the request is kept to be sent again.
+            // Another attempt may follow this one.
             let more = several && (tried.count_ones() as usize) < self.instances.len();
-            let req = if more {
-                let mut again = Request::new(this_body);
-                *again.method_mut() = parts.method.clone();
-                *again.uri_mut() = parts.uri.clone();
-                *again.version_mut() = parts.version;
-                *again.headers_mut() = parts.headers.clone();
-                again
-            } else {
-                Request::from_parts(
-                    std::mem::replace(&mut parts, Request::new(()).into_parts().0),
-                    this_body,
-                )
+            let req = match unsent.take() {
+                Some(mut req) => {
+                    *req.uri_mut() = uri;
+                    if self.config.host_header == HostHeader::Upstream {
+                        req.headers_mut()
+                            .insert(http::header::HOST, target.host.clone());
+                    }
+                    req
+                }
+                None => {
+                    parts.uri = uri;
+                    if self.config.host_header == HostHeader::Upstream {
+                        parts
+                            .headers
+                            .insert(http::header::HOST, target.host.clone());
+                    }
+                    let Some(this_body) = body.take() else {
+                        return Err(Reject::UpstreamUnavailable);
+                    };
+                    // Kept to be sent again when the attempt may consume it and fail: the pool
+                    // drops a request whose connection fails; the owned connection gives it
+                    // back unless bytes were written, after which only an idempotent request
+                    // with an empty body is sent again.
+                    let keep = more
+                        && (claim.is_none()
+                            || (repeatable && replay.as_ref().is_some_and(|r| r.is_empty())));
+                    if keep {
+                        let mut again = Request::new(this_body);
+                        *again.method_mut() = parts.method.clone();
+                        *again.uri_mut() = parts.uri.clone();
+                        *again.version_mut() = parts.version;
+                        *again.headers_mut() = parts.headers.clone();
+                        again
+                    } else {
+                        Request::from_parts(
+                            std::mem::replace(&mut parts, Request::new(()).into_parts().0),
+                            this_body,
+                        )
+                    }
+                }
             };
             let attempt = self.instances.start(i);
-            let failure = match tokio::time::timeout_at(deadline, self.client.request(req)).await {
+            let exchange = async {
+                match claim {
+                    Some((own, claim)) => self.send_own(own, claim, i, target, req).await,
+                    None => self.client.request(req).await.map_err(Failed::pooled),
+                }
+            };
+            let mut failure = match tokio::time::timeout_at(deadline, exchange).await {
                 Ok(Ok(response)) => return Ok(Sent { response, attempt }),
                 Err(_elapsed) => {
                     metrics.upstream_error("timeout");
@@ -166,35 +220,139 @@ impl Upstream {
                 Ok(Err(e)) => e,
             };
             drop(attempt);
-            if caused_by::<LengthLimitError>(&failure) {
+            let error: &(dyn std::error::Error + 'static) = &*failure.error;
+            if caused_by::<LengthLimitError>(error) {
                 return Err(Reject::PayloadTooLarge);
             }
-            if caused_by::<ClientBodyError>(&failure) {
-                tracing::debug!(request_id = %request_id, error = %crate::error::chain(&failure), "client request body failed");
+            if caused_by::<ClientBodyError>(error) {
+                tracing::debug!(request_id = %request_id, error = %crate::error::chain(error), "client request body failed");
                 return Err(Reject::BadRequest);
             }
-            let kind = upstream_error_kind(&failure);
+            let kind = upstream_error_kind(failure.connect, error);
             metrics.upstream_error(kind);
             self.instances.failed(i, kind);
-            let connect = failure.is_connect();
+            let connect = failure.connect;
             if let Route::Pinned(_) = route {
                 if connect {
-                    tracing::warn!(event = "mcp_session_instance_gone", request_id = %request_id, instance = %target.label, error = %crate::error::chain(&failure), "the instance that issued this MCP session is unreachable: 404, the client starts a new session");
+                    tracing::warn!(event = "mcp_session_instance_gone", request_id = %request_id, instance = %target.label, error = %crate::error::chain(error), "the instance that issued this MCP session is unreachable: 404, the client starts a new session");
                     return Err(Reject::SessionNotFound);
                 }
             }
             // Sent again only when nothing can have reached a backend, or nothing is lost.
-            let again = replay.as_ref().and_then(|r| {
-                let safe = connect || (repeatable && r.is_empty());
-                safe.then(|| r.again()).flatten()
-            });
-            let retry = more && again.is_some();
-            tracing::warn!(request_id = %request_id, instance = %target.label, connect, retry, error = %crate::error::chain(&failure), "upstream request failed");
+            if more && failure.unsent.is_some() {
+                unsent = failure.unsent.take();
+            } else {
+                body = replay.as_ref().and_then(|r| {
+                    let safe = connect || (repeatable && r.is_empty());
+                    safe.then(|| r.again()).flatten()
+                });
+            }
+            let retry = more && (unsent.is_some() || body.is_some());
+            tracing::warn!(request_id = %request_id, instance = %target.label, connect, retry, error = %crate::error::chain(&*failure.error), "upstream request failed");
             if !retry {
                 return Err(Reject::UpstreamUnavailable);
             }
             metrics.upstream_retry();
-            body = again;
+        }
+    }
+
+    /// One attempt on the client connection's own backend connection: the one held when it
+    /// is free, or a new one (also when the one held was closed by the backend before the
+    /// request could be written: the request comes back whole and goes on a new one, or on the
+    /// pool when `own::MAX_OWNED` are open).
+    async fn send_own(
+        &self,
+        own: &OwnConnection,
+        claim: Claim,
+        i: usize,
+        target: &Target,
+        mut req: Request<ClientBody>,
+    ) -> Result<Response<Incoming>, Failed> {
+        if !req.headers().contains_key(http::header::HOST) {
+            req.headers_mut()
+                .insert(http::header::HOST, target.host.clone());
+        }
+        let permit = match claim {
+            Claim::Open(permit) => permit,
+            Claim::Held(mut sender) => {
+                let answer = sender.try_send_request(req);
+                own.put_back(sender);
+                let mut e = match answer.await {
+                    Ok(response) => return Ok(response),
+                    Err(e) => e,
+                };
+                let Some(back) = e.take_message() else {
+                    return Err(Failed::sent(e.into_error()));
+                };
+                req = back;
+                own.close();
+                match self.owned.acquire() {
+                    Some(permit) => permit,
+                    None => {
+                        let pq = req.uri().path_and_query().cloned();
+                        let pq = pq.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+                        *req.uri_mut() = target.absolute(pq).map_err(|_| Failed::uri())?;
+                        return self.client.request(req).await.map_err(Failed::pooled);
+                    }
+                }
+            }
+        };
+        let opened = async {
+            let uri = target.absolute(http::uri::PathAndQuery::from_static("/"));
+            let uri = uri.map_err(|_| Failed::uri().error)?;
+            let io = tower_service::Service::call(&mut self.connector.clone(), uri).await?;
+            let (sender, conn) = self.h1.handshake::<_, ClientBody>(io).await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((sender, conn))
+        };
+        let (mut sender, conn) = match opened.await {
+            Ok(c) => c,
+            Err(error) => {
+                return Err(Failed {
+                    connect: true,
+                    error,
+                    unsent: Some(req),
+                })
+            }
+        };
+        let answer = sender.try_send_request(req);
+        own.install(i, sender, Box::pin(conn), permit);
+        answer.await.map_err(|e| Failed::sent(e.into_error()))
+    }
+}
+
+/// A failed attempt: whether its connection never opened, why, and the request when it was
+/// given back unsent.
+struct Failed {
+    connect: bool,
+    error: Box<dyn std::error::Error + Send + Sync>,
+    unsent: Option<Request<ClientBody>>,
+}
+
+impl Failed {
+    /// The pool's failure: `is_connect` when no connection opened (the request is lost with it).
+    fn pooled(e: hyper_util::client::legacy::Error) -> Failed {
+        Failed {
+            connect: e.is_connect(),
+            error: Box::new(e),
+            unsent: None,
+        }
+    }
+
+    /// The instance's address makes no URI (its configuration was checked: not expected).
+    fn uri() -> Failed {
+        Failed {
+            connect: true,
+            error: "the instance's address makes no URI".into(),
+            unsent: None,
+        }
+    }
+
+    /// A failure after the request was handed to a connection.
+    fn sent(e: hyper::Error) -> Failed {
+        Failed {
+            connect: false,
+            error: Box::new(e),
+            unsent: None,
         }
     }
 }
@@ -237,8 +395,8 @@ fn upstream_connector(tcp: HttpConnector, up: &UpstreamConfig) -> HttpsConnector
 }
 
 /// The `kind` label of `portcullis_upstream_errors_total` for a failed exchange.
-fn upstream_error_kind(e: &hyper_util::client::legacy::Error) -> &'static str {
-    if e.is_connect() {
+fn upstream_error_kind(connect: bool, e: &(dyn std::error::Error + 'static)) -> &'static str {
+    if connect {
         return "connect";
     }
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);

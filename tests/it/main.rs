@@ -24,4 +24,5 @@ mod soak;
 mod streams;
 mod support;
 mod tls;
+mod upstream_conn;
 mod websocket;
