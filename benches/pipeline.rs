@@ -67,6 +67,7 @@ fn bench(c: &mut Criterion) {
         http::header::AUTHORIZATION,
         HeaderName::from_static("x-api-key"),
     ]);
+    let strip: headers::NameSet = strip.into_iter().collect();
     c.bench_function("rewrite request headers", |b| {
         b.iter(|| {
             let mut h = template.clone();

@@ -17,7 +17,7 @@ pub struct HeadersConfig {
     /// Sent on every response, in this order.
     pub add: Vec<(http::HeaderName, http::HeaderValue)>,
     /// Removed from every backend response.
-    pub remove: Vec<http::HeaderName>,
+    pub remove: NameSet,
     /// Replace a header the backend already set (default: keep the backend's).
     pub override_backend: bool,
 }
@@ -30,17 +30,54 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
 /// RFC 9110 §7.6.1's hop-by-hop headers, with the legacy `Keep-Alive` and `Proxy-Connection`.
-static HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHORIZATION,
-    header::PROXY_AUTHENTICATE,
-];
+static HOP_BY_HOP: std::sync::LazyLock<NameSet> = std::sync::LazyLock::new(|| {
+    NameSet::from_iter([
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+    ])
+});
+
+/// A set of header names to remove from maps, built once: a name present in a map is looked up
+/// by its length first (few names of a list share one), so each header costs about one
+/// comparison however long the list.
+#[derive(Debug, Clone, Default)]
+pub struct NameSet {
+    /// Indexed by a name's length: the names of that length.
+    by_len: Vec<Vec<HeaderName>>,
+}
+
+impl NameSet {
+    /// Whether `name` is in the set.
+    pub fn contains(&self, name: &HeaderName) -> bool {
+        let name = name.as_str();
+        self.by_len
+            .get(name.len())
+            .is_some_and(|same| same.iter().any(|n| n.as_str() == name))
+    }
+}
+
+impl FromIterator<HeaderName> for NameSet {
+    fn from_iter<I: IntoIterator<Item = HeaderName>>(names: I) -> NameSet {
+        let mut set = NameSet::default();
+        for name in names {
+            let len = name.as_str().len();
+            if set.by_len.len() <= len {
+                set.by_len.resize_with(len + 1, Vec::new);
+            }
+            if !set.by_len[len].contains(&name) {
+                set.by_len[len].push(name);
+            }
+        }
+        set
+    }
+}
 
 /// A header sent more than once where one value is expected (which copy would the next hop
 /// read?).
@@ -60,22 +97,17 @@ pub fn single<'a>(
     }
 }
 
-/// Remove every header `names` lists that the map holds: one pass over the names present
-/// (a request carries a handful), then one removal for each found, instead of a hashed
-/// lookup for every name listed.
-pub fn remove_all(headers: &mut HeaderMap, names: &[HeaderName]) {
-    for names in names.chunks(64) {
-        let mut present = 0u64;
-        for name in headers.keys() {
-            if let Some(i) = names.iter().position(|n| n == name) {
-                present |= 1 << i;
-            }
+/// Remove every header of `names` that the map holds: one pass over the names present (a
+/// request carries a handful), then one removal for each found.
+pub fn remove_all(headers: &mut HeaderMap, names: &NameSet) {
+    let mut found: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        if names.contains(name) {
+            found.push(name.clone());
         }
-        for (i, name) in names.iter().enumerate() {
-            if present & (1 << i) != 0 {
-                headers.remove(name);
-            }
-        }
+    }
+    for name in found {
+        headers.remove(name);
     }
 }
 
@@ -331,7 +363,7 @@ mod tests {
         h.insert(ident.clone(), HeaderValue::from_static("admin"));
         h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
         h.insert("forwarded", HeaderValue::from_static("for=1.2.3.4"));
-        remove_all(&mut h, &spoofable(&ident));
+        remove_all(&mut h, &spoofable(&ident).into_iter().collect());
         let host = HeaderValue::from_static("example.test");
         set_forwarded(
             &mut h,
@@ -375,7 +407,7 @@ mod tests {
                 HeaderName::from_static("x-frame-options"),
                 HeaderValue::from_static("DENY"),
             )],
-            remove: vec![header::SERVER],
+            remove: NameSet::from_iter([header::SERVER]),
             override_backend,
         }
     }

@@ -89,15 +89,22 @@ impl Decision {
     /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers).
     pub fn headers(&self) -> [(&'static HeaderName, HeaderValue); 2] {
         // Written without the formatting machinery: this runs on every checked response.
+        // Composed on the stack ("default" and two `;k=` with a u64 each: at most 55 bytes),
+        // then copied once into the value.
         fn value(parts: [(&str, u64); 2]) -> HeaderValue {
-            let mut v = Vec::with_capacity(40);
-            v.extend_from_slice(b"\"default\"");
+            let mut v = [0u8; 64];
+            let mut len = 0;
+            let mut put = |piece: &[u8]| {
+                v[len..len + piece.len()].copy_from_slice(piece);
+                len += piece.len();
+            };
+            put(b"\"default\"");
             let mut num = itoa::Buffer::new();
             for (name, n) in parts {
-                v.extend_from_slice(name.as_bytes());
-                v.extend_from_slice(num.format(n).as_bytes());
+                put(name.as_bytes());
+                put(num.format(n).as_bytes());
             }
-            HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).expect("ASCII")
+            HeaderValue::from_bytes(&v[..len]).expect("ASCII")
         }
         [
             (

@@ -279,10 +279,10 @@ impl Validator<'_> {
             }
         }
         let remove = match &h.remove {
-            None => vec![
+            None => crate::headers::NameSet::from_iter([
                 http::header::SERVER,
                 http::HeaderName::from_static("x-powered-by"),
-            ],
+            ]),
             Some(list) => list
                 .iter()
                 .filter_map(|n| self.header_name(n, "remove"))

@@ -24,7 +24,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{header, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::Body;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -58,10 +58,10 @@ pub struct Proxy {
     ids: RequestIds,
     /// What a request loses on its way to the backend: what a client could spoof, and its
     /// credentials unless `pass_credentials`.
-    request_strip: Vec<HeaderName>,
+    request_strip: headers::NameSet,
     /// What a request's trailers lose: the same, and every credential header always (a
     /// trailer is never the credential that was verified).
-    trailer_strip: Arc<[HeaderName]>,
+    trailer_strip: Arc<headers::NameSet>,
     proto: &'static str,
     /// The public listener terminates TLS.
     tls: bool,
@@ -113,8 +113,8 @@ impl Proxy {
         trailer_strip.extend(config.auth.api_key_headers.iter().cloned());
         trailer_strip.push(header::AUTHORIZATION);
         Proxy {
-            trailer_strip: trailer_strip.into(),
-            request_strip,
+            trailer_strip: Arc::new(trailer_strip.into_iter().collect()),
+            request_strip: request_strip.into_iter().collect(),
             upstream: Arc::new(Upstream::new(&config.upstream)),
             auth,
             access,

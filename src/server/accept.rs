@@ -158,7 +158,7 @@ impl Accept {
         let activity = info.activity.clone();
         let framing = info.framing.clone();
         let conn_info = info.clone();
-        let svc = service_fn(move |req| Box::pin(proxy.clone().handle(req, info.clone())));
+        let svc = service_fn(move |req| proxy.clone().handle(req, info.clone()));
         let own = conn_info.own.as_ref();
         if h2 {
             let conn = builders.h2.serve_connection(io, svc);

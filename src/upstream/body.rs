@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::HeaderName;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -27,7 +26,7 @@ pub struct ClientBody {
     hint: SizeHint,
     ended: bool,
     /// Names no trailer may carry toward the backend.
-    trailer_strip: Arc<[HeaderName]>,
+    trailer_strip: Arc<crate::headers::NameSet>,
 }
 
 enum Source {
@@ -59,7 +58,7 @@ pub struct Replay {
     slot: Option<Arc<Mutex<Option<Source>>>>,
     hint: SizeHint,
     ended: bool,
-    trailer_strip: Arc<[HeaderName]>,
+    trailer_strip: Arc<crate::headers::NameSet>,
 }
 
 impl Replay {
@@ -85,7 +84,11 @@ impl Replay {
 }
 
 impl ClientBody {
-    pub fn new(body: Incoming, limit: u64, trailer_strip: Arc<[HeaderName]>) -> ClientBody {
+    pub fn new(
+        body: Incoming,
+        limit: u64,
+        trailer_strip: Arc<crate::headers::NameSet>,
+    ) -> ClientBody {
         ClientBody::of(
             Source::Stream(Limited::new(body, limit as usize)),
             trailer_strip,
@@ -96,11 +99,11 @@ impl ClientBody {
     pub fn whole(bytes: Bytes) -> ClientBody {
         ClientBody::of(
             Source::Whole((!bytes.is_empty()).then_some(bytes)),
-            Arc::new([]),
+            Arc::default(),
         )
     }
 
-    fn of(source: Source, trailer_strip: Arc<[HeaderName]>) -> ClientBody {
+    fn of(source: Source, trailer_strip: Arc<crate::headers::NameSet>) -> ClientBody {
         ClientBody {
             hint: source.size_hint(),
             ended: source.is_end_stream(),

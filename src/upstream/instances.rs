@@ -55,7 +55,10 @@ impl Target {
 
     /// The instance's path and query for a (normalised) path and the client's query.
     pub fn path_and_query(&self, path: &str, query: Option<&str>) -> Result<PathAndQuery, Reject> {
-        let mut pq = String::with_capacity(self.base_path.len() + path.len() + 1);
+        // The exact length: a String whose capacity is its length becomes the URI's bytes
+        // without another allocation.
+        let len = self.base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1);
+        let mut pq = String::with_capacity(len);
         pq.push_str(&self.base_path);
         pq.push_str(path);
         if let Some(q) = query {
