@@ -101,7 +101,7 @@ impl Tracker {
                     };
                 }
                 State::Head | State::ChunkSize | State::ChunkEnd | State::Trailers => {
-                    let Some(end) = bytes.iter().position(|&b| b == b'\n') else {
+                    let Some(end) = memchr::memchr(b'\n', bytes) else {
                         self.keep(bytes);
                         return;
                     };

@@ -198,6 +198,9 @@ impl Accept {
         });
         tokio::pin!(idle_timer);
         let mut draining = false;
+        let shutdown = cancelled(&self.shutdown);
+        let force = cancelled(&self.force);
+        tokio::pin!(shutdown, force);
         loop {
             tokio::select! {
                 biased;
@@ -207,12 +210,12 @@ impl Accept {
                     }
                     return;
                 }
-                _ = self.shutdown.cancelled(), if !draining => {
+                _ = &mut shutdown, if !draining => {
                     draining = true;
                     graceful_shutdown(conn.as_mut());
                 }
                 _ = std::future::poll_fn(|cx| own.map_or(std::task::Poll::Pending, |o| o.poll_drive(cx))), if own.is_some() => {}
-                _ = self.force.cancelled() => return,
+                _ = &mut force => return,
                 _ = &mut idle_timer, if !draining => {
                     let busy = activity.in_flight.load(std::sync::atomic::Ordering::Relaxed) > 0;
                     let now = tokio::time::Instant::now().into_std();
@@ -245,6 +248,24 @@ impl Accept {
             }
         }
     }
+}
+
+/// `token.cancelled()` for a loop that wakes often: registered with the token once (again only
+/// if the task's waker changes), then an atomic load per wake-up instead of the token's lock.
+async fn cancelled(token: &CancellationToken) {
+    let mut inner = std::pin::pin!(token.cancelled());
+    let mut registered: Option<std::task::Waker> = None;
+    std::future::poll_fn(|cx| {
+        if token.is_cancelled() {
+            return std::task::Poll::Ready(());
+        }
+        if registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            return std::task::Poll::Pending;
+        }
+        registered = Some(cx.waker().clone());
+        std::future::Future::poll(inner.as_mut(), cx)
+    })
+    .await
 }
 
 impl Accept {
