@@ -97,16 +97,10 @@ pub fn single<'a>(
     }
 }
 
-/// Remove every header of `names` that the map holds: one pass over the names present (a
-/// request carries a handful), then one removal for each found.
+/// Remove every header of `names` that the map holds: a pass over the names present (a request
+/// carries a handful) for each one found, and nothing allocated.
 pub fn remove_all(headers: &mut HeaderMap, names: &NameSet) {
-    let mut found: Vec<HeaderName> = Vec::new();
-    for name in headers.keys() {
-        if names.contains(name) {
-            found.push(name.clone());
-        }
-    }
-    for name in found {
+    while let Some(name) = headers.keys().find(|n| names.contains(n)).cloned() {
         headers.remove(name);
     }
 }

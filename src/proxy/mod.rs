@@ -191,6 +191,10 @@ impl Proxy {
                 resp
             }
         };
+        // Room for what is added below at once, rather than growing the map as it fills: the
+        // request id, two RateLimit fields, the security headers and HSTS.
+        resp.headers_mut()
+            .reserve(4 + self.config.headers.add.len());
         resp.headers_mut()
             .insert(X_REQUEST_ID.clone(), ex.record.request_id.value().clone());
         if let (Some(mcp), Some(req), "ok") = (&self.mcp, &ex.mcp, ex.record.outcome) {
