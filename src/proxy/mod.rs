@@ -19,6 +19,7 @@ mod rewrite;
 pub mod tunnel;
 
 use std::convert::Infallible;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -431,7 +432,11 @@ impl Proxy {
                 &admitted.path,
                 body,
                 route,
-                conn.own.as_ref().filter(|_| admitted.upgrade.is_none()),
+                // From the connection's second request on: a client that sends one request
+                // and idles (or closes) never holds a backend connection of its own.
+                conn.own.as_ref().filter(|_| {
+                    admitted.upgrade.is_none() && conn.requests.load(Ordering::Relaxed) > 1
+                }),
                 &self.metrics,
                 &ex.record.request_id,
             )

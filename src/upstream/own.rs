@@ -5,9 +5,11 @@
 //! connection for itself: the request is handed to it directly, and the connection is polled by
 //! the client connection's own task (`server::accept` drives it beside the client's), so a
 //! request costs no pool checkout, no hash of the authority, no channel to another task and no
-//! second task waking up. The shared pool stays for HTTP/2 (clients and backends), WebSocket
-//! upgrades, whenever the owned connection is busy or goes to another instance, and once
-//! [`MAX_OWNED`] client connections already own one.
+//! second task waking up. It is opened by the client connection's second request (the proxy
+//! decides), so a client that sends one request and idles holds none. The shared pool stays for
+//! first requests, HTTP/2 (clients and backends), WebSocket upgrades, whenever the owned
+//! connection is busy or goes to another instance, and once [`MAX_OWNED`] client connections
+//! already own one.
 //!
 //! Fails closed: a connection that closed or broke is dropped and never used again; a request
 //! it gave back unsent (the backend closed it while idle) goes on a new connection; anything
