@@ -223,3 +223,59 @@ async fn http2_clients_share_the_pool() {
         "the pool's one idle connection carries the HTTP/2 client's sequential requests"
     );
 }
+
+#[tokio::test]
+async fn a_client_connection_owns_an_https_backend_connection_verified_like_the_pools() {
+    let pki = crate::support::pki::Pki::new();
+    let leaf = pki.server();
+    let backend = Backend::tls(&leaf.cert, &leaf.key).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("backend-ca.crt");
+    std::fs::write(&ca, pki.ca_pem()).unwrap();
+    let url = format!("https://localhost:{}", backend.addr.port());
+    let proxy = Proxy::start(&url, &format!("ca = \"{}\"", ca.display())).await;
+    // One keep-alive client connection: the first request takes the pool, the next two the
+    // connection's own, opened over TLS and verified against `ca`.
+    let keep_alive = client();
+    for i in 0..3 {
+        let r = send_with(
+            &keep_alive,
+            "GET",
+            &proxy.url("/api"),
+            &[("x-api-key", PROD_KEY)],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, 200, "request {i}: {:?}", r.body);
+        assert_eq!(r.body, "HTTP/1.1".as_bytes(), "request {i}");
+    }
+    for seen in backend.take() {
+        assert_eq!(
+            seen.headers["host"],
+            format!("localhost:{}", backend.addr.port())
+        );
+    }
+    // A backend whose certificate names another host is refused on the owned connection as on
+    // the pool's: 502, request after request on the same client connection.
+    let other = pki.server_for("elsewhere.example");
+    let misnamed = Backend::tls(&other.cert, &other.key).await;
+    let url = format!("https://localhost:{}", misnamed.addr.port());
+    let proxy = Proxy::start(&url, &format!("ca = \"{}\"", ca.display())).await;
+    let keep_alive = client();
+    for i in 0..3 {
+        let r = send_with(
+            &keep_alive,
+            "GET",
+            &proxy.url("/api"),
+            &[("x-api-key", PROD_KEY)],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, 502, "request {i}");
+    }
+    assert_eq!(
+        misnamed.count(),
+        0,
+        "no request reached the misnamed backend"
+    );
+}
