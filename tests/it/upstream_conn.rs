@@ -30,8 +30,9 @@ impl Drop for RawBackend {
     }
 }
 
-/// Read one request (head and Content-Length body); `None` at end of stream.
-async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+/// Read one HTTP/1 message (head and Content-Length body) from `s`, after what `buf` already
+/// holds: its head (lowercased) and body; `None` at end of stream.
+async fn read_message(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, String)> {
     loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
@@ -42,7 +43,7 @@ async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
             if buf.len() >= end + 4 + len {
                 let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
                 buf.drain(..end + 4 + len);
-                return Some(body);
+                return Some((head, body));
             }
         }
         let mut chunk = [0u8; 4096];
@@ -72,7 +73,7 @@ impl RawBackend {
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     let mut served = 0;
-                    while let Some(body) = read_request(&mut s, &mut buf).await {
+                    while let Some((_, body)) = read_message(&mut s, &mut buf).await {
                         served += 1;
                         let _ = bodies_tx.send(body);
                         let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
@@ -114,29 +115,12 @@ async fn exchange(s: &mut TcpStream, buf: &mut Vec<u8>, method: &str, body: &str
         body.len()
     );
     s.write_all(req.as_bytes()).await.unwrap();
-    let read = async {
-        loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .map_or(0, |v| v.trim().parse().unwrap());
-                if buf.len() >= end + 4 + len {
-                    let text = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
-                    buf.drain(..end + 4 + len);
-                    return (raw_status(&head), text);
-                }
-            }
-            let mut chunk = [0u8; 4096];
-            let n = s.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "the proxy closed the client connection");
-            buf.extend_from_slice(&chunk[..n]);
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), read)
+    let read = read_message(s, buf);
+    let (head, body) = tokio::time::timeout(Duration::from_secs(5), read)
         .await
         .expect("a response within 5 s")
+        .expect("the proxy keeps the client connection open");
+    (raw_status(&head), body)
 }
 
 #[tokio::test]
@@ -227,50 +211,39 @@ async fn http2_clients_share_the_pool() {
 #[tokio::test]
 async fn a_client_connection_owns_an_https_backend_connection_verified_like_the_pools() {
     let pki = crate::support::pki::Pki::new();
-    let leaf = pki.server();
-    let backend = Backend::tls(&leaf.cert, &leaf.key).await;
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("backend-ca.crt");
     std::fs::write(&ca, pki.ca_pem()).unwrap();
-    let url = format!("https://localhost:{}", backend.addr.port());
-    let proxy = Proxy::start(&url, &format!("ca = \"{}\"", ca.display())).await;
-    // One keep-alive client connection: the first request takes the pool, the next two the
-    // connection's own, opened over TLS and verified against `ca`.
-    let keep_alive = client();
-    for i in 0..3 {
-        let r = send_with(
-            &keep_alive,
-            "GET",
-            &proxy.url("/api"),
-            &[("x-api-key", PROD_KEY)],
-            "",
-        )
-        .await;
+    // Three requests on one keep-alive client connection through a proxy to `backend`: the
+    // first takes the pool, the next two the connection's own, opened over TLS and verified
+    // against `ca`.
+    let three = async |backend: &Backend| -> Vec<Reply> {
+        let url = format!("https://localhost:{}", backend.addr.port());
+        let proxy = Proxy::start(&url, &format!("ca = \"{}\"", ca.display())).await;
+        let keep_alive = client();
+        let mut replies = Vec::new();
+        for _ in 0..3 {
+            let key = [("x-api-key", PROD_KEY)];
+            replies.push(send_with(&keep_alive, "GET", &proxy.url("/api"), &key, "").await);
+        }
+        replies
+    };
+    let leaf = pki.server();
+    let backend = Backend::tls(&leaf.cert, &leaf.key).await;
+    for (i, r) in three(&backend).await.iter().enumerate() {
         assert_eq!(r.status, 200, "request {i}: {:?}", r.body);
         assert_eq!(r.body, "HTTP/1.1".as_bytes(), "request {i}");
     }
-    for seen in backend.take() {
-        assert_eq!(
-            seen.headers["host"],
-            format!("localhost:{}", backend.addr.port())
-        );
-    }
+    let host = format!("localhost:{}", backend.addr.port());
+    assert!(backend
+        .take()
+        .iter()
+        .all(|seen| seen.headers["host"] == host));
     // A backend whose certificate names another host is refused on the owned connection as on
-    // the pool's: 502, request after request on the same client connection.
+    // the pool's: 502, request after request.
     let other = pki.server_for("elsewhere.example");
     let misnamed = Backend::tls(&other.cert, &other.key).await;
-    let url = format!("https://localhost:{}", misnamed.addr.port());
-    let proxy = Proxy::start(&url, &format!("ca = \"{}\"", ca.display())).await;
-    let keep_alive = client();
-    for i in 0..3 {
-        let r = send_with(
-            &keep_alive,
-            "GET",
-            &proxy.url("/api"),
-            &[("x-api-key", PROD_KEY)],
-            "",
-        )
-        .await;
+    for (i, r) in three(&misnamed).await.iter().enumerate() {
         assert_eq!(r.status, 502, "request {i}");
     }
     assert_eq!(
