@@ -161,22 +161,9 @@ impl Upstream {
             };
             // Another attempt may follow this one.
             let more = several && (tried.count_ones() as usize) < self.instances.len();
-            let req = match unsent.take() {
-                Some(mut req) => {
-                    *req.uri_mut() = uri;
-                    if self.config.host_header == HostHeader::Upstream {
-                        req.headers_mut()
-                            .insert(http::header::HOST, target.host.clone());
-                    }
-                    req
-                }
+            let mut req = match unsent.take() {
+                Some(req) => req,
                 None => {
-                    parts.uri = uri;
-                    if self.config.host_header == HostHeader::Upstream {
-                        parts
-                            .headers
-                            .insert(http::header::HOST, target.host.clone());
-                    }
                     let Some(this_body) = body.take() else {
                         return Err(Reject::UpstreamUnavailable);
                     };
@@ -190,7 +177,6 @@ impl Upstream {
                     if keep {
                         let mut again = Request::new(this_body);
                         *again.method_mut() = parts.method.clone();
-                        *again.uri_mut() = parts.uri.clone();
                         *again.version_mut() = parts.version;
                         *again.headers_mut() = parts.headers.clone();
                         again
@@ -202,6 +188,11 @@ impl Upstream {
                     }
                 }
             };
+            *req.uri_mut() = uri;
+            if self.config.host_header == HostHeader::Upstream {
+                req.headers_mut()
+                    .insert(http::header::HOST, target.host.clone());
+            }
             let attempt = self.instances.start(i);
             let exchange = async {
                 match claim {
